@@ -1,0 +1,263 @@
+"""The evaluation engine: dataset -> features -> mitigations -> metrics -> results.
+
+It knows nothing about any particular dataset, metric or mitigation: all of them come
+from the registry, and a mitigation's declared :class:`~clip_robust_plugins.records.Needs`
+is the only thing the engine reads about it (to plan feature extraction and to
+record which labels each method used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .datasets.base import DatasetError, RobustDataset
+from .datasets.wds import GroupedShards, has_groups
+from .features import FeatureCache, FeatureExtractor, default_cache_dir
+from .mitigations.base import RunContext
+from .plugins import PluginError, Registry
+from .records import DatasetRequest, Predictions
+
+BASELINE = "zeroshot"
+ROBUST_PREFIX = "robust/"
+WDS_PREFIX = "wds/"
+
+
+class EvalError(RuntimeError):
+    """A run cannot proceed; the message says why in one line."""
+
+
+@dataclass
+class MethodResult:
+    """One evaluated method: its predictions on the eval split and what it recorded."""
+
+    name: str
+    logits: torch.Tensor
+    pred: np.ndarray
+    metrics: dict[str, float | str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Everything a run produced, before anything is written."""
+
+    dump: dict[str, Any]
+    keys: tuple[str, ...]
+    y: np.ndarray
+    group_names: list[str]
+    groups: np.ndarray
+    methods: list[MethodResult]
+
+
+def is_group_dataset(dataset: str, root: str) -> bool:
+    """True for ``robust/<name>``, and for ``wds/<name>`` whose local root has groups.json."""
+    if dataset.startswith(ROBUST_PREFIX):
+        return True
+    return dataset.startswith(WDS_PREFIX) and has_groups(root)
+
+
+def resolve_root(args: argparse.Namespace) -> str:
+    """clip_benchmark's ``--dataset_root`` templating (``{dataset}``, ``{dataset_cleaned}``)."""
+    name = args.dataset.split("/", 1)[1] if args.dataset.startswith(WDS_PREFIX) else args.dataset
+    return args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+
+
+def load_dataset(args: argparse.Namespace, registry: Registry) -> RobustDataset:
+    root = resolve_root(args)
+    if args.dataset.startswith(ROBUST_PREFIX):
+        spec = registry.dataset(args.dataset[len(ROBUST_PREFIX):])
+        return spec.load(DatasetRequest(root=root, options=args))
+    return GroupedShards(root)
+
+
+def _custom_names(path: str | None, dataset: str) -> Any:
+    """clip_benchmark's --custom_classname_file / --custom_template_file lookup."""
+    if not path:
+        return None
+    import json
+
+    with open(path) as fh:
+        table = json.load(fh)
+    short = dataset.split("/", 1)[1]
+    for key in (dataset, short):
+        if key in table:
+            return table[key]
+    return None
+
+
+def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
+    """Run zero-shot and every requested mitigation on ``args.split``; compute all metrics."""
+    methods = [BASELINE] + [m for m in dict.fromkeys(args.mitigation or []) if m != BASELINE]
+    try:
+        specs = [registry.mitigation(m) for m in methods]
+    except PluginError as exc:
+        raise EvalError(str(exc)) from None
+    dataset = load_dataset(args, registry)
+    eval_split = args.split
+    splits = dataset.splits()
+    for spec in specs:
+        for split in (eval_split, *spec.needs.fit_splits):
+            if split not in splits:
+                raise EvalError(f"{spec.name}: needs split {split!r}, but {args.dataset} has {list(splits)}")
+
+    classnames = _custom_names(args.custom_classname_file, args.dataset) or dataset.classnames
+    templates = _custom_names(args.custom_template_file, args.dataset) or dataset.templates
+    if len(classnames) != len(dataset.schema.classnames):
+        raise EvalError(f"{len(classnames)} class names given for {len(dataset.schema.classnames)} classes")
+
+    loader = registry.model_loader(args.model_type)
+    model, transform, tokenizer = loader.load(
+        model_name=args.model, pretrained=args.pretrained, cache_dir=args.model_cache_dir, device=args.device
+    )
+    model.eval()
+    cache_dir = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
+    extractor = FeatureExtractor(
+        model,
+        transform,
+        model_type=args.model_type,
+        model_name=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        amp=args.amp,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache=FeatureCache(cache_dir),
+        progress=args.verbose,
+    )
+    ctx = RunContext(
+        dataset=dataset,
+        dataset_name=args.dataset,
+        classnames=classnames,
+        templates=templates,
+        model=model,
+        tokenizer=tokenizer,
+        transform=transform,
+        extractor=extractor,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        options=args,
+        eval_split=eval_split,
+        progress=args.verbose,
+    )
+    # One pass per split with every feature kind any method declared for it.
+    plan: dict[str, list[str]] = {eval_split: ["image"]}
+    for spec in specs:
+        for split in (eval_split, *spec.needs.fit_splits):
+            kinds = plan.setdefault(split, [])
+            kinds.extend(k for k in spec.needs.feature_kinds if k not in kinds)
+    for split, kinds in plan.items():
+        ctx.prefetch(split, kinds)
+
+    eval_fs = ctx.features(eval_split)
+    schema = dataset.schema
+    fields = eval_fs.fields.numpy()
+    results: list[MethodResult] = []
+    for spec in specs:
+        mitigation = spec.create(args)
+        t0 = time.perf_counter()
+        mitigation.fit(ctx)
+        t1 = time.perf_counter()
+        logits = mitigation.predict(ctx, eval_split).float().cpu()
+        t2 = time.perf_counter()
+        if logits.shape != (len(eval_fs), ctx.n_classes):
+            raise EvalError(
+                f"mitigation {spec.name!r} (plugin {registry.owner('mitigations', spec.name)!r}) returned logits of "
+                f"shape {tuple(logits.shape)}, expected {(len(eval_fs), ctx.n_classes)}"
+            )
+        pred = logits.argmax(dim=1).numpy()
+        preds = Predictions(spec.name, eval_split, eval_fs.keys, pred, fields, schema, logits.numpy())
+        metrics: dict[str, float | str] = {}
+        for metric in registry.metrics.values():
+            for key, value in metric.compute(preds).items():
+                if key in metrics:
+                    raise PluginError(f"metric key {key!r} produced twice (second time by metric {metric.name!r})")
+                metrics[key] = value
+        info = {
+            "plugin": registry.owner("mitigations", spec.name),
+            "needs": spec.needs.to_json(),
+            "hyperparameters": mitigation.hyperparameters(),
+            "fit_seconds": round(t1 - t0, 4),
+            "predict_seconds": round(t2 - t1, 4),
+        }
+        results.append(MethodResult(spec.name, logits, pred, metrics, info))
+
+    flat: dict[str, float | str] = {}
+    baseline = results[0]
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        if key in baseline.metrics:
+            flat[key] = baseline.metrics[key]
+    for res in results:
+        flat.update({f"{res.name}/{k}": v for k, v in res.metrics.items()})
+    dump = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "task": "zeroshot_classification",
+        "metrics": flat,
+        "language": args.language,
+        "robust": {
+            "split": eval_split,
+            "seed": args.seed,
+            "methods": {r.name: r.info for r in results},
+            "groups": schema.group_names(),
+            "dataset_source": dataset.describe(),
+            "feature_cache": ctx.cache_paths(),
+            "features_extracted": extractor.extracted,
+        },
+    }
+    if args.dump_classnames:
+        dump["classnames"] = list(classnames)
+    if args.dump_templates:
+        dump["templates"] = templates
+    return EvalResult(
+        dump=dump,
+        keys=eval_fs.keys,
+        y=eval_fs.y.numpy(),
+        group_names=schema.group_names(),
+        groups=schema.group_ids(fields),
+        methods=results,
+    )
+
+
+def output_path(args: argparse.Namespace, task: str = "zeroshot_classification") -> str:
+    """The results path from clip_benchmark's ``--output`` template, filled as it fills it."""
+    dataset_name = args.dataset.split("/", 1)[1] if args.dataset.startswith(WDS_PREFIX) else args.dataset
+    is_file = os.path.isfile(args.pretrained)
+    return args.output.format(
+        model=args.model,
+        pretrained=os.path.basename(args.pretrained) if is_file else args.pretrained,
+        pretrained_full_path=args.pretrained.replace("/", "_") if is_file else args.pretrained,
+        task=task,
+        dataset=dataset_name.replace("/", "_"),
+        language=args.language,
+    )
+
+
+def run(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
+    """One clip_benchmark-style run on a group dataset: evaluate, print, write atomically."""
+    from . import report
+
+    out = output_path(args)
+    if os.path.exists(out) and args.skip_existing:
+        if args.verbose:
+            print(f"Skip {out}, exists already.")
+        return None
+    try:
+        result = evaluate(args, registry)
+    except (DatasetError, PluginError) as exc:
+        raise EvalError(str(exc)) from None
+    print(report.format_table(result), file=sys.stdout)
+    written = report.write_outputs(result, out, predictions=args.save_predictions, plot=args.plot)
+    if args.verbose:
+        for path in written:
+            print(f"Wrote {path}")
+    return result

@@ -1,0 +1,309 @@
+"""Feature extraction with an on-disk cache.
+
+Image embeddings are computed once per (model, checkpoint, dataset, split, transform,
+feature kind, precision) and stored as one safetensors file per key, so several
+mitigations (and repeated runs) share one pass over the images.
+
+Cache file format (``<cache_dir>/<digest>.safetensors``, documented for users):
+
+- tensors ``features`` (N, D) float32, ``fields`` (N, n_fields) int64 (metadata values
+  in the order of ``metadata["field_names"]``), ``keys_utf8`` uint8 (the sample keys,
+  UTF-8, joined by ``\\n``);
+- string metadata ``format`` (:data:`CACHE_FORMAT`), ``cache_key`` (the JSON of the
+  key fields), ``field_names`` (JSON list) and ``n`` (row count).
+
+Writes are atomic (temporary file + ``os.replace``); a file whose metadata, shapes or
+contents do not check out is reported and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .datasets.base import RobustDataset
+from .groups import DEFAULT_GROUPING, GroupSchema
+
+CACHE_FORMAT = "clip_robust_plugins.features/1"
+ENV_CACHE_DIR = "CLIP_ROBUST_FEATURE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$CLIP_ROBUST_FEATURE_CACHE``, else ``$XDG_CACHE_HOME/clip_robust_plugins/features``."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "clip_robust_plugins" / "features"
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of one split, row-aligned with sample keys and metadata field values."""
+
+    keys: tuple[str, ...]
+    features: torch.Tensor  # (N, D) float32
+    fields: torch.Tensor  # (N, n_fields) int64
+    schema: GroupSchema
+    kind: str = "image"
+    cache_path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.fields[:, self.schema.class_index]
+
+    def group_ids(self, grouping: str = DEFAULT_GROUPING) -> torch.Tensor:
+        return torch.from_numpy(self.schema.group_ids(self.fields.numpy(), grouping))
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that changes the features; its digest names the cache file."""
+
+    model_type: str
+    model: str
+    pretrained: str  # tag, or resolved file path with size and mtime
+    dataset: str
+    dataset_fingerprint: str
+    split: str
+    transform: str
+    kind: str
+    amp: bool
+    format: str = CACHE_FORMAT
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def pretrained_identity(pretrained: str) -> str:
+    """A checkpoint tag as is; a local file as its path, size and modification time."""
+    if os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        return f"{os.path.abspath(pretrained)}:{st.st_size}:{st.st_mtime_ns}"
+    return pretrained
+
+
+class FeatureCache:
+    """Safetensors files under ``directory`` (None disables caching)."""
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.directory = Path(directory) if directory else None
+
+    def path(self, key: CacheKey) -> Path | None:
+        return None if self.directory is None else self.directory / f"{key.digest()}.safetensors"
+
+    def load(self, key: CacheKey, schema: GroupSchema) -> FeatureSet | None:
+        path = self.path(key)
+        if path is None or not path.is_file():
+            return None
+        problem = None
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(header_len)).get("__metadata__", {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        else:
+            problem = _check_cache_entry(tensors, meta, key, schema)
+        if problem is not None:
+            warnings.warn(f"feature cache {path}: {problem}; rebuilding it", stacklevel=2)
+            return None
+        keys = tuple(bytes(tensors["keys_utf8"].numpy()).decode("utf-8").split("\n"))
+        return FeatureSet(keys, tensors["features"], tensors["fields"], schema, key.kind, str(path))
+
+    def save(self, key: CacheKey, fs: FeatureSet) -> str | None:
+        path = self.path(key)
+        if path is None:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys_blob = "\n".join(fs.keys).encode("utf-8")
+        tensors = {
+            "features": fs.features.contiguous().float(),
+            "fields": fs.fields.contiguous().long(),
+            "keys_utf8": torch.frombuffer(bytearray(keys_blob), dtype=torch.uint8) if keys_blob else torch.zeros(0, dtype=torch.uint8),
+        }
+        meta = {
+            "format": CACHE_FORMAT,
+            "cache_key": json.dumps(asdict(key), sort_keys=True),
+            "field_names": json.dumps(list(fs.schema.field_names)),
+            "n": str(len(fs)),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return str(path)
+
+
+def _check_cache_entry(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], key: CacheKey, schema: GroupSchema) -> str | None:
+    if meta.get("format") != CACHE_FORMAT:
+        return f"format {meta.get('format')!r} is not {CACHE_FORMAT!r}"
+    if meta.get("cache_key") != json.dumps(asdict(key), sort_keys=True):
+        return "stored key does not match"
+    if json.loads(meta.get("field_names", "[]")) != list(schema.field_names):
+        return "metadata fields differ from the dataset's"
+    missing = {"features", "fields", "keys_utf8"} - set(tensors)
+    if missing:
+        return f"missing tensors {sorted(missing)}"
+    n = int(meta.get("n", -1))
+    feats, fields = tensors["features"], tensors["fields"]
+    if feats.ndim != 2 or feats.shape[0] != n or fields.shape != (n, len(schema.fields)):
+        return f"shapes {tuple(feats.shape)} / {tuple(fields.shape)} do not match n={n}"
+    n_keys = len(bytes(tensors["keys_utf8"].numpy()).decode("utf-8").split("\n")) if n else 0
+    if n_keys != n:
+        return f"{n_keys} keys for {n} rows"
+    if not torch.isfinite(feats).all():
+        return "non-finite features"
+    return None
+
+
+def encode_image_normalized(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """clip_benchmark's image features: ``F.normalize(model.encode_image(x), dim=-1)``."""
+    return F.normalize(model.encode_image(images), dim=-1)
+
+
+#: feature kinds the extractor can compute; later methods add theirs here
+FEATURE_KINDS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    "image": encode_image_normalized,
+}
+
+
+def autocast(device: str, enabled: bool):
+    """``torch.autocast`` on the device's type (bf16 on CPU, fp16 on CUDA), as clip_benchmark."""
+    return torch.autocast(torch.device(device).type, enabled=enabled)
+
+
+class FeatureExtractor:
+    """Computes (or loads from the cache) features of a dataset split with one model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        transform: Callable,
+        *,
+        model_type: str,
+        model_name: str,
+        pretrained: str,
+        device: str = "cpu",
+        amp: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        cache: FeatureCache | None = None,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.transform = transform
+        self.model_type = model_type
+        self.model_name = model_name
+        self.pretrained_id = pretrained_identity(pretrained)
+        self.device = device
+        self.amp = amp
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache = cache or FeatureCache(None)
+        self.progress = progress
+        self.extracted: list[dict[str, Any]] = []  # what ran (for the report and the benchmarks)
+
+    def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: str) -> CacheKey:
+        return CacheKey(
+            model_type=self.model_type,
+            model=self.model_name,
+            pretrained=self.pretrained_id,
+            dataset=dataset_name,
+            dataset_fingerprint=dataset.fingerprint(split),
+            split=split,
+            transform=repr(self.transform),
+            kind=kind,
+            amp=self.amp,
+        )
+
+    def extract(self, dataset: RobustDataset, dataset_name: str, split: str, kinds: Sequence[str] = ("image",)) -> dict[str, FeatureSet]:
+        """Features of ``split`` for each kind; uncached kinds share one pass over the images."""
+        unknown = [k for k in kinds if k not in FEATURE_KINDS]
+        if unknown:
+            raise KeyError(f"unknown feature kind(s) {unknown}; known: {sorted(FEATURE_KINDS)}")
+        out: dict[str, FeatureSet] = {}
+        keys = {kind: self.key(dataset, dataset_name, split, kind) for kind in kinds}
+        todo = []
+        for kind in kinds:
+            cached = self.cache.load(keys[kind], dataset.schema)
+            if cached is not None:
+                out[kind] = cached
+            else:
+                todo.append(kind)
+        if todo:
+            fresh = self._run(dataset, split, todo)
+            for kind, fs in fresh.items():
+                path = self.cache.save(keys[kind], fs)
+                out[kind] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, kind, path)
+            self.extracted.append({"split": split, "kinds": todo, "n": len(next(iter(fresh.values())))})
+        return out
+
+    @torch.no_grad()
+    def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[str]) -> dict[str, FeatureSet]:
+        loader = torch.utils.data.DataLoader(
+            dataset.samples(split, self.transform),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            shuffle=False,
+        )
+        counts = dataset.schema.split_counts.get(split)
+        bar = tqdm(
+            total=sum(counts) if counts else None,
+            desc=f"{split}: {'+'.join(kinds)} features",
+            unit="img",
+            disable=not self.progress,
+            file=sys.stderr,
+        )
+        all_keys: list[str] = []
+        fields: list[torch.Tensor] = []
+        feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+        with bar:
+            for batch_keys, images, batch_fields in loader:
+                images = images.to(self.device)
+                with autocast(self.device, self.amp):
+                    for kind in kinds:
+                        feats[kind].append(FEATURE_KINDS[kind](self.model, images).float().cpu())
+                all_keys.extend(batch_keys)
+                fields.append(batch_fields)
+                bar.update(len(batch_keys))
+        if not all_keys:
+            raise ValueError(f"split {split!r} yielded no samples")
+        if len(set(all_keys)) != len(all_keys):
+            dup = next(k for k in all_keys if all_keys.count(k) > 1)
+            raise ValueError(f"split {split!r}: duplicate sample key {dup!r}")
+        field_tensor = torch.cat(fields).long()
+        dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
+        return {
+            kind: FeatureSet(tuple(all_keys), torch.cat(feats[kind]), field_tensor, dataset.schema, kind)
+            for kind in kinds
+        }
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()

@@ -1,0 +1,67 @@
+"""Hook specifications: the whole plugin API of clip-robust-plugins.
+
+A plugin is any module (or object) with functions decorated by
+``clip_robust_plugins.hookimpl`` whose names match the hooks below.  Registration
+hooks receive a ``register`` callback, as in simonw/llm: call it once per record.
+Installed packages are found through the entry-point group ``clip_robust_plugins``;
+a module can also be loaded for one run with ``--plugin my.module``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT_NAME = "clip_robust_plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_datasets(register: Callable) -> None:
+    """Register group-robustness datasets: ``register(DatasetSpec(...))``.
+
+    Each becomes ``--dataset robust/<name>``.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable) -> None:
+    """Register group-aware metrics: ``register(MetricSpec(...))``.
+
+    Every registered metric is computed for every evaluated method.
+    """
+
+
+@hookspec
+def register_mitigations(register: Callable) -> None:
+    """Register mitigation methods: ``register(MitigationSpec(...))``.
+
+    Selected per run with ``--mitigation NAME``; zero-shot is always evaluated as the baseline.
+    """
+
+
+@hookspec
+def register_model_loaders(register: Callable) -> None:
+    """Register model types: ``register(ModelLoaderSpec(...))`` (selected with ``--model_type``)."""
+
+
+@hookspec
+def register_checkpoints(register: Callable) -> None:
+    """Register local checkpoints: ``register(CheckpointSpec(...))``.
+
+    ``--model M --pretrained TAG`` then resolves to the registered file, offline.
+    """
+
+
+@hookspec
+def add_arguments(parser: argparse._ArgumentGroup) -> None:
+    """Add command-line flags to ``eval`` (and ``demo``), like tox's ``tox_add_option``.
+
+    ``parser`` is an argument group titled after the plugin; the parsed values reach
+    datasets and mitigations through ``options``.  Prefix flags with the plugin's topic
+    (``--shapes_train_size``) so they do not collide.
+    """

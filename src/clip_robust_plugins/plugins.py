@@ -1,0 +1,243 @@
+"""The one plugin manager, entry-point discovery, and the registry built from the hooks.
+
+- Built-in plugins (:data:`BUILTIN_PLUGINS`) are ordinary modules using the same hooks
+  as third parties; nothing else in the package registers anything.
+- Installed plugins are found through the entry-point group ``clip_robust_plugins``.
+  ``CLIP_ROBUST_PLUGINS`` restricts them: a comma-separated list of entry-point names
+  to load, or the empty string to load none (built-ins always load).
+- A plugin that fails to import gives one warning naming it; the rest still works.
+- ``CLIP_ROBUST_TRACE=1`` (or ``--trace_plugins``) logs every hook call to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .records import CheckpointSpec, DatasetSpec, MetricSpec, MitigationSpec, ModelLoaderSpec
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
+ENV_ALLOWLIST = "CLIP_ROBUST_PLUGINS"
+ENV_TRACE = "CLIP_ROBUST_TRACE"
+
+BUILTIN_PLUGINS = (
+    "clip_robust_plugins.models",
+    "clip_robust_plugins.metrics",
+    "clip_robust_plugins.datasets.spurious_shapes",
+    "clip_robust_plugins.mitigations.zeroshot",
+    "clip_robust_plugins.mitigations.erm_head",
+)
+
+
+class PluginError(RuntimeError):
+    """A plugin broke the rules (duplicate name, wrong record type, unknown name)."""
+
+
+class PluginImportWarning(UserWarning):
+    """An installed or requested plugin could not be imported; it is skipped."""
+
+
+def _make_manager(trace: bool) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    if trace:
+        pm.trace.root.setwriter(lambda line: sys.stderr.write(f"[clip_robust_plugins trace] {line}"))
+        pm.enable_tracing()
+    return pm
+
+
+def _allowed_entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+    allow = os.environ.get(ENV_ALLOWLIST)
+    allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is None or ep.name in allowed:
+            yield ep
+
+
+def _warn_import(name: str, exc: BaseException) -> None:
+    warnings.warn(
+        f"clip_robust_plugins: plugin {name!r} failed to import and is skipped: {type(exc).__name__}: {exc}",
+        PluginImportWarning,
+        stacklevel=3,
+    )
+
+
+def build_plugin_manager(extra_modules: Iterable[str] = (), trace: bool | None = None) -> pluggy.PluginManager:
+    """A fresh manager with built-ins, allowed installed plugins and ``extra_modules``.
+
+    ``extra_modules`` are import paths given with ``--plugin``; like installed plugins
+    they warn and are skipped when they fail to import.
+    """
+    if trace is None:
+        trace = os.environ.get(ENV_TRACE, "") not in ("", "0")
+    pm = _make_manager(trace)
+    for modname in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(modname), name=modname)
+    for ep in _allowed_entry_points():
+        if pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure must not break the tool
+            _warn_import(ep.name, exc)
+            continue
+        pm.register(plugin, name=ep.name)
+    for modname in extra_modules:
+        if pm.has_plugin(modname):
+            continue
+        try:
+            plugin = importlib.import_module(modname)
+        except Exception as exc:  # noqa: BLE001
+            _warn_import(modname, exc)
+            continue
+        pm.register(plugin, name=modname)
+    return pm
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered, by name, with the plugin that registered it."""
+
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    metrics: dict[str, MetricSpec] = field(default_factory=dict)
+    mitigations: dict[str, MitigationSpec] = field(default_factory=dict)
+    model_loaders: dict[str, ModelLoaderSpec] = field(default_factory=dict)
+    checkpoints: dict[str, CheckpointSpec] = field(default_factory=dict)
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def owner(self, kind: str, name: str) -> str:
+        return self.owners[(kind, name)]
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return self._get("datasets", name)
+
+    def mitigation(self, name: str) -> MitigationSpec:
+        return self._get("mitigations", name)
+
+    def model_loader(self, name: str) -> ModelLoaderSpec:
+        return self._get("model_loaders", name)
+
+    def checkpoint(self, model: str, pretrained: str) -> CheckpointSpec | None:
+        return self.checkpoints.get(f"{model},{pretrained}")
+
+    def model_config_paths(self, model: str) -> list:
+        return [c.config for c in self.checkpoints.values() if c.model == model and c.config is not None]
+
+    def _get(self, kind: str, name: str) -> Any:
+        table = getattr(self, kind)
+        if name not in table:
+            known = ", ".join(sorted(table)) or "(none)"
+            raise PluginError(f"unknown {kind[:-1].replace('_', ' ')} {name!r}; registered: {known}")
+        return table[name]
+
+
+_HOOKS: tuple[tuple[str, str, type], ...] = (
+    ("register_datasets", "datasets", DatasetSpec),
+    ("register_metrics", "metrics", MetricSpec),
+    ("register_mitigations", "mitigations", MitigationSpec),
+    ("register_model_loaders", "model_loaders", ModelLoaderSpec),
+    ("register_checkpoints", "checkpoints", CheckpointSpec),
+)
+
+
+def per_plugin_callers(pm: pluggy.PluginManager, hook_name: str) -> Iterable[tuple[str, Callable]]:
+    """(plugin name, hook caller restricted to that plugin) for each implementer.
+
+    Calling plugins one at a time lets us attribute every record to its plugin, and the
+    subset callers still go through pluggy's (traced) hook execution.
+    """
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        others = [p for p in pm.get_plugins() if p is not impl.plugin]
+        yield impl.plugin_name, pm.subset_hook_caller(hook_name, remove_plugins=others)
+
+
+def collect_registry(pm: pluggy.PluginManager) -> Registry:
+    """Call every registration hook and gather the records; duplicates name both plugins."""
+    registry = Registry()
+    for hook_name, kind, record_type in _HOOKS:
+        table = getattr(registry, kind)
+        for plugin_name, caller in per_plugin_callers(pm, hook_name):
+
+            def register(record: Any, _plugin: str = plugin_name, _table: dict = table, _kind: str = kind,
+                         _type: type = record_type) -> None:
+                if not isinstance(record, _type):
+                    raise PluginError(f"plugin {_plugin!r} registered {record!r} with {hook_name}; expected a {_type.__name__}")
+                if record.name in _table:
+                    first = registry.owners[(_kind, record.name)]
+                    raise PluginError(
+                        f"duplicate {_kind[:-1].replace('_', ' ')} name {record.name!r}: registered by plugin "
+                        f"{first!r} and by plugin {_plugin!r}"
+                    )
+                _table[record.name] = record
+                registry.owners[(_kind, record.name)] = _plugin
+
+            caller(register=register)
+    return registry
+
+
+def plugin_version(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    """The version of the distribution that provides ``plugin`` (None for loose modules)."""
+    for p, dist in pm.list_plugin_distinfo():
+        if p is plugin:
+            return dist.version
+    modname = getattr(plugin, "__name__", "")
+    top = modname.split(".")[0]
+    if top == hookspecs.PROJECT_NAME:
+        from . import __version__
+
+        return __version__
+    try:
+        return importlib.metadata.version(top)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(plugin, "__version__", None)
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """Name, version and implemented hooks of every registered plugin (for ``plugins``)."""
+    rows = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        hooks = sorted(h.name for h in (pm.get_hookcallers(plugin) or []))
+        rows.append({"name": name, "version": plugin_version(pm, plugin), "hooks": hooks})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+_default: tuple[pluggy.PluginManager, Registry] | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager (built on first use)."""
+    return _default_state()[0]
+
+
+def get_registry() -> Registry:
+    """The process-wide registry (built on first use)."""
+    return _default_state()[1]
+
+
+def _default_state() -> tuple[pluggy.PluginManager, Registry]:
+    global _default
+    if _default is None:
+        pm = build_plugin_manager()
+        _default = (pm, collect_registry(pm))
+    return _default
+
+
+def set_plugin_manager(pm: pluggy.PluginManager | None) -> Registry | None:
+    """Make ``pm`` the process-wide manager (None resets to lazy defaults); returns its registry."""
+    global _default
+    if pm is None:
+        _default = None
+        return None
+    _default = (pm, collect_registry(pm))
+    return _default[1]

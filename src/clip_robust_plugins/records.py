@@ -1,0 +1,150 @@
+"""The small typed records that plugins register.
+
+Every registered thing has a unique ``name``.  Plugins hand these records to the
+``register`` callback of the matching hook (see :mod:`clip_robust_plugins.hookspecs`);
+the records carry callables, never classes the engine must know about, so the engine
+treats a built-in and a third-party contribution the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from .datasets.base import RobustDataset
+    from .mitigations.base import Mitigation
+
+
+@dataclass(frozen=True)
+class DatasetRequest:
+    """What a dataset loader is given: where the data lives and the parsed CLI options.
+
+    ``options`` holds every eval flag, plugin flags included, so a dataset reads its own
+    (for example ``options.shapes_train_size``).
+    """
+
+    root: str
+    options: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A group-robustness dataset, evaluated as ``--dataset robust/<name>``."""
+
+    name: str
+    load: Callable[[DatasetRequest], RobustDataset]
+    description: str = ""
+    citation: str = ""
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What a metric sees: one method's outputs on one split, with the sample metadata.
+
+    ``logits`` is (N, C) float32 (may be None for methods that only emit labels),
+    ``pred`` (N,) int64, ``fields`` (N, n_fields) int64 in ``schema`` field order.
+    """
+
+    method: str
+    split: str
+    keys: tuple[str, ...]
+    pred: Any  # np.ndarray (N,)
+    fields: Any  # np.ndarray (N, n_fields)
+    schema: Any  # GroupSchema
+    logits: Any = None  # np.ndarray (N, C) | None
+
+    @property
+    def y(self):
+        return self.fields[:, self.schema.class_index]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: ``compute(predictions)`` returns flat ``{key: float | str}``.
+
+    Keys are relative (``worst_group_acc``, ``group_acc/<group>``); the engine prefixes
+    them with ``<method>/``.  Fractions are in [0, 1].
+    """
+
+    name: str
+    compute: Callable[[Predictions], Mapping[str, float | str]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a mitigation needs, declared up front so the engine can plan one extraction pass.
+
+    - ``fit_splits``: splits whose data the fit reads (e.g. ``("val",)`` for DFR).
+    - ``labels``: labels the *fit* uses, a subset of ``{"class", "group"}``; recorded in
+      the results so a reader sees which methods used group annotations.
+    - ``feature_kinds``: extractor outputs the method reads (``"image"`` = L2-normalised
+      image embeddings; later kinds: pre-projection features, views, regions).
+    - ``live_model``: the method runs the open_clip model itself (gradients through a
+      tower, e.g. test-time prompt tuning), so the model must stay loaded.
+    """
+
+    fit_splits: tuple[str, ...] = ()
+    labels: frozenset[str] = frozenset()
+    feature_kinds: tuple[str, ...] = ("image",)
+    live_model: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fit_splits": list(self.fit_splits),
+            "labels": sorted(self.labels),
+            "feature_kinds": list(self.feature_kinds),
+            "live_model": self.live_model,
+        }
+
+
+@dataclass(frozen=True)
+class MitigationSpec:
+    """A mitigation: ``create(options)`` returns a fresh, unfitted :class:`Mitigation`."""
+
+    name: str
+    create: Callable[[argparse.Namespace], Mitigation]
+    needs: Needs = Needs()
+    description: str = ""
+    citation: str = ""
+
+
+ModelTriple = tuple["torch.nn.Module", Callable, Callable]
+
+
+@dataclass(frozen=True)
+class ModelLoaderSpec:
+    """A model type, clip_benchmark-style: ``load(model_name, pretrained, cache_dir, device)``.
+
+    Returns ``(model, transform, tokenizer)`` exactly like clip_benchmark's loaders, so a
+    registered loader is also offered to clip_benchmark's own tasks as ``--model_type``.
+    """
+
+    name: str
+    load: Callable[..., ModelTriple]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A local checkpoint that ``--model <model> --pretrained <pretrained>`` resolves to.
+
+    ``config`` is an open_clip model-config JSON registered with ``open_clip.add_model_config``
+    so the architecture name is known even when ``pretrained`` is a user's own file.
+    """
+
+    model: str
+    pretrained: str
+    path: Path
+    config: Path | None = None
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.model},{self.pretrained}"

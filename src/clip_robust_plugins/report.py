@@ -1,0 +1,134 @@
+"""What a person reads: the per-group table, the results JSON, the predictions CSV, the plot.
+
+All files are written to a temporary name in the target directory and renamed into
+place only after every one of them was produced, so a failed run leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .engine import EvalResult
+
+SUMMARY_ROWS = (
+    ("worst group", "worst_group_acc"),
+    ("acc (sample mean)", "acc"),
+    ("acc (train-weighted)", "acc_train_weighted"),
+    ("acc (group mean)", "acc_group_mean"),
+    ("gap (acc - worst)", "gap"),
+    ("balanced acc", "balanced_acc"),
+)
+
+
+def _fmt(value: float | str | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_table(result: EvalResult) -> str:
+    """Groups as rows (with their counts), methods as columns, then the summary rows."""
+    names = [m.name for m in result.methods]
+    first = result.methods[0].metrics
+    rows: list[list[str]] = []
+    for group in result.group_names:
+        count = first.get(f"group_count/{group}", 0.0)
+        rows.append([group, str(int(count))] + [_fmt(m.metrics.get(f"group_acc/{group}")) for m in result.methods])
+    summary = [[label, ""] + [_fmt(m.metrics.get(key)) for m in result.methods] for label, key in SUMMARY_ROWS]
+    header = ["group", "n"] + names
+    widths = [max(len(r[i]) for r in [header, *rows, *summary]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "-" * len(line(header))
+    title = f"{result.dump['dataset']} [{result.dump['robust']['split']}]  model {result.dump['model']} / {result.dump['pretrained']}"
+    return "\n".join([title, line(header), rule, *map(line, rows), rule, *map(line, summary)])
+
+
+def predictions_path(results_path: str) -> str:
+    base = results_path[: -len(".json")] if results_path.endswith(".json") else results_path
+    return base + "_predictions.csv"
+
+
+def plot_path(results_path: str) -> str:
+    base = results_path[: -len(".json")] if results_path.endswith(".json") else results_path
+    return base + "_groups.png"
+
+
+def _write_json(result: EvalResult, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(result.dump, fh, indent=1)
+
+
+def _write_predictions(result: EvalResult, path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "y", "group"] + [f"pred_{m.name}" for m in result.methods])
+        for i, key in enumerate(result.keys):
+            writer.writerow(
+                [key, int(result.y[i]), result.group_names[result.groups[i]]] + [int(m.pred[i]) for m in result.methods]
+            )
+
+
+def _write_plot(result: EvalResult, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = result.group_names
+    n_methods = len(result.methods)
+    width = 0.8 / n_methods
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 1.5) + 2.5, 4))
+    x = np.arange(len(groups))
+    for j, method in enumerate(result.methods):
+        accs = [method.metrics.get(f"group_acc/{g}", math.nan) for g in groups]
+        wga = method.metrics.get("worst_group_acc", math.nan)
+        ax.bar(x + (j - (n_methods - 1) / 2) * width, accs, width, label=f"{method.name} (worst {_fmt(wga)})")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=15, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"per-group accuracy: {result.dump['dataset']} ({result.dump['model']})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_outputs(result: EvalResult, results_path: str, predictions: bool = False, plot: bool = False) -> list[str]:
+    """Write the JSON (and the CSV / PNG when asked); all-or-nothing."""
+    targets = [(results_path, _write_json)]
+    if predictions:
+        targets.append((predictions_path(results_path), _write_predictions))
+    if plot:
+        targets.append((plot_path(results_path), _write_plot))
+    staged: list[tuple[str, str]] = []
+    try:
+        for target, writer in targets:
+            directory = os.path.dirname(os.path.abspath(target))
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".partial", dir=directory)
+            os.close(fd)
+            staged.append((tmp, target))
+            writer(result, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, target in staged:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [t for t, _ in targets]
