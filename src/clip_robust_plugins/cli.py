@@ -26,12 +26,20 @@ from . import engine
 from .compat import clip_benchmark_patched
 from .datasets.base import DatasetError
 from .groups import GroupSchemaError
-from .plugins import PluginError, Registry, build_plugin_manager, describe_plugins, per_plugin_callers, set_plugin_manager
+from .plugins import (
+    PluginError,
+    Registry,
+    build_plugin_manager,
+    describe_plugins,
+    per_plugin_callers,
+    set_plugin_manager,
+)
+from .states import StateError
 
 PROG = "clip_benchmark_robust"
 ENV_DEBUG = "CLIP_ROBUST_DEBUG"
 #: errors that are the user's input, shown as one line (tracebacks with CLIP_ROBUST_DEBUG=1)
-USER_ERRORS = (engine.EvalError, DatasetError, GroupSchemaError, PluginError, FileNotFoundError)
+USER_ERRORS = (engine.EvalError, DatasetError, GroupSchemaError, PluginError, StateError, FileNotFoundError)
 
 
 def _clip_benchmark_parser() -> argparse.ArgumentParser:
@@ -66,6 +74,14 @@ def add_robust_eval_flags(parser: argparse.ArgumentParser) -> None:
         help="write <output>_predictions.csv (key,y,group,pred_<method>...) beside the results JSON",
     )
     group.add_argument("--plot", action="store_true", help="write <output>_groups.png, per-group accuracy per method")
+    group.add_argument(
+        "--save_mitigation_state", action="store_true",
+        help="write each fitted mitigation's state to <output>_state_<method>.safetensors",
+    )
+    group.add_argument(
+        "--mitigation_state", nargs="+", default=[], metavar="FILE",
+        help="use fitted state file(s) written by --save_mitigation_state instead of fitting (the file names its method)",
+    )
     group.add_argument(
         "--feature_cache", default=None, metavar="DIR",
         help="feature cache directory (default $CLIP_ROBUST_FEATURE_CACHE or ~/.cache/clip_robust_plugins/features)",

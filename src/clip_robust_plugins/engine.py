@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import states
 from .datasets.base import DatasetError, RobustDataset
 from .datasets.wds import GroupedShards, has_groups
 from .features import FeatureCache, FeatureExtractor, default_cache_dir
@@ -43,6 +44,7 @@ class MethodResult:
     pred: np.ndarray
     metrics: dict[str, float | str]
     info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class EvalResult:
     group_names: list[str]
     groups: np.ndarray
     methods: list[MethodResult]
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def is_group_dataset(dataset: str, root: str) -> bool:
@@ -100,6 +103,10 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
         specs = [registry.mitigation(m) for m in methods]
     except PluginError as exc:
         raise EvalError(str(exc)) from None
+    saved = states.read_states(args.mitigation_state)
+    unused = sorted(set(saved) - set(methods))
+    if unused:
+        raise EvalError(f"{saved[unused[0]].path}: state for {unused[0]!r}, which is not among --mitigation {methods[1:]}")
     dataset = load_dataset(args, registry)
     eval_split = args.split
     splits = dataset.splits()
@@ -151,7 +158,8 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
     # One pass per split with every feature kind any method declared for it.
     plan: dict[str, list[str]] = {eval_split: ["image"]}
     for spec in specs:
-        for split in (eval_split, *spec.needs.fit_splits):
+        fit_splits = () if spec.name in saved else spec.needs.fit_splits
+        for split in (eval_split, *fit_splits):
             kinds = plan.setdefault(split, [])
             kinds.extend(k for k in spec.needs.feature_kinds if k not in kinds)
     for split, kinds in plan.items():
@@ -160,11 +168,17 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
     eval_fs = ctx.features(eval_split)
     schema = dataset.schema
     fields = eval_fs.fields.numpy()
+    provenance = {"model": args.model, "pretrained": args.pretrained, "classnames": list(classnames)}
     results: list[MethodResult] = []
     for spec in specs:
         mitigation = spec.create(args)
         t0 = time.perf_counter()
-        mitigation.fit(ctx)
+        loaded = saved.get(spec.name)
+        if loaded is not None:
+            states.check_compatible(loaded, provenance)
+            mitigation.load_state_dict(loaded.tensors)
+        else:
+            mitigation.fit(ctx)
         t1 = time.perf_counter()
         logits = mitigation.predict(ctx, eval_split).float().cpu()
         t2 = time.perf_counter()
@@ -186,9 +200,11 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
             "needs": spec.needs.to_json(),
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(t1 - t0, 4),
+            "state_loaded_from": loaded.path if loaded is not None else None,
             "predict_seconds": round(t2 - t1, 4),
         }
-        results.append(MethodResult(spec.name, logits, pred, metrics, info))
+        state = {k: v for k, v in mitigation.state_dict().items() if v is not None}
+        results.append(MethodResult(spec.name, logits, pred, metrics, info, state))
 
     flat: dict[str, float | str] = {}
     baseline = results[0]
@@ -225,6 +241,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
         group_names=schema.group_names(),
         groups=schema.group_ids(fields),
         methods=results,
+        provenance={**provenance, "dataset": args.dataset},
     )
 
 
@@ -253,10 +270,12 @@ def run(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         return None
     try:
         result = evaluate(args, registry)
-    except (DatasetError, PluginError) as exc:
+    except (DatasetError, PluginError, states.StateError) as exc:
         raise EvalError(str(exc)) from None
     print(report.format_table(result), file=sys.stdout)
-    written = report.write_outputs(result, out, predictions=args.save_predictions, plot=args.plot)
+    written = report.write_outputs(
+        result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state
+    )
     if args.verbose:
         for path in written:
             print(f"Wrote {path}")

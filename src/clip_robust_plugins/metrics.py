@@ -88,15 +88,15 @@ def class_metrics(pred: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, 
     }
 
 
-def topk_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
-    """clip_benchmark's top-k accuracy, without its numpy>=2.4 ``float()`` crash.
+def topk_accuracies(logits: np.ndarray, y: np.ndarray, ks: Sequence[int]) -> list[float]:
+    """clip_benchmark's top-k accuracies, without its numpy>=2.4 ``float()`` crash.
 
-    Uses ``torch.topk`` exactly as clip_benchmark does, so ties (common in bf16 logits)
-    break the same way and acc1 matches clip_benchmark's on the same logits.
+    Like clip_benchmark, takes ``torch.topk(max(ks))`` once and slices it, so ties
+    (common in bf16 logits) break exactly as there and acc1 matches on the same logits.
     """
-    top = torch.from_numpy(np.ascontiguousarray(logits)).topk(k, 1, True, True)[1]
-    hits = (top == torch.as_tensor(np.asarray(y)).view(-1, 1)).any(dim=1).sum().item()
-    return hits / len(y)
+    top = torch.from_numpy(np.ascontiguousarray(logits)).topk(max(ks), 1, True, True)[1]
+    correct = top == torch.as_tensor(np.asarray(y)).view(-1, 1)
+    return [correct[:, :k].any(dim=1).sum().item() / len(y) for k in ks]
 
 
 def _group_metric(p: Predictions) -> dict[str, float | str]:
@@ -117,9 +117,10 @@ def _clip_benchmark_metric(p: Predictions) -> dict[str, float]:
     if p.logits is None:
         return {}
     n_classes = p.logits.shape[1]
+    acc1, acc5 = topk_accuracies(p.logits, p.y, (1, 5)) if n_classes >= 5 else (*topk_accuracies(p.logits, p.y, (1,)), math.nan)
     return {
-        "acc1": topk_accuracy(p.logits, p.y, 1),
-        "acc5": topk_accuracy(p.logits, p.y, 5) if n_classes >= 5 else math.nan,
+        "acc1": acc1,
+        "acc5": acc5,
         "mean_per_class_recall": class_metrics(p.pred, p.y, n_classes)["balanced_acc"],
     }
 

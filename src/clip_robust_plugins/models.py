@@ -15,7 +15,6 @@ import open_clip
 import torch
 from clip_benchmark.models import TYPE2FUNC
 
-
 from .hookspecs import hookimpl
 from .records import CheckpointSpec, ModelLoaderSpec
 

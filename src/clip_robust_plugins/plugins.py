@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -55,12 +56,20 @@ def _make_manager(trace: bool) -> pluggy.PluginManager:
     return pm
 
 
-def _allowed_entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+def _allowed_entry_points() -> list[importlib.metadata.EntryPoint]:
     allow = os.environ.get(ENV_ALLOWLIST)
     allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if allowed is None or ep.name in allowed:
-            yield ep
+    found = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    if allowed:
+        unknown = sorted(allowed - {ep.name for ep in found})
+        if unknown:
+            warnings.warn(
+                f"clip_robust_plugins: {ENV_ALLOWLIST} names {unknown}, which no installed package provides "
+                f"(installed: {sorted(ep.name for ep in found)})",
+                PluginImportWarning,
+                stacklevel=3,
+            )
+    return [ep for ep in found if allowed is None or ep.name in allowed]
 
 
 def _warn_import(name: str, exc: BaseException) -> None:
@@ -69,6 +78,10 @@ def _warn_import(name: str, exc: BaseException) -> None:
         PluginImportWarning,
         stacklevel=3,
     )
+
+
+#: entry-point name -> version of the distribution that declared it (module names may differ)
+_DIST_VERSIONS: dict[str, str] = {}
 
 
 def build_plugin_manager(extra_modules: Iterable[str] = (), trace: bool | None = None) -> pluggy.PluginManager:
@@ -91,6 +104,8 @@ def build_plugin_manager(extra_modules: Iterable[str] = (), trace: bool | None =
             _warn_import(ep.name, exc)
             continue
         pm.register(plugin, name=ep.name)
+        if ep.dist is not None:
+            _DIST_VERSIONS[ep.name] = ep.dist.version
     for modname in extra_modules:
         if pm.has_plugin(modname):
             continue
@@ -161,35 +176,39 @@ def per_plugin_callers(pm: pluggy.PluginManager, hook_name: str) -> Iterable[tup
         yield impl.plugin_name, pm.subset_hook_caller(hook_name, remove_plugins=others)
 
 
+def _add_record(registry: Registry, kind: str, record_type: type, hook_name: str, plugin: str, record: Any) -> None:
+    if not isinstance(record, record_type):
+        raise PluginError(f"plugin {plugin!r} registered {record!r} with {hook_name}; expected a {record_type.__name__}")
+    table = getattr(registry, kind)
+    if record.name in table:
+        first = registry.owners[(kind, record.name)]
+        raise PluginError(
+            f"duplicate {kind[:-1].replace('_', ' ')} name {record.name!r}: registered by plugin "
+            f"{first!r} and by plugin {plugin!r}"
+        )
+    table[record.name] = record
+    registry.owners[(kind, record.name)] = plugin
+
+
 def collect_registry(pm: pluggy.PluginManager) -> Registry:
     """Call every registration hook and gather the records; duplicates name both plugins."""
     registry = Registry()
     for hook_name, kind, record_type in _HOOKS:
-        table = getattr(registry, kind)
         for plugin_name, caller in per_plugin_callers(pm, hook_name):
-
-            def register(record: Any, _plugin: str = plugin_name, _table: dict = table, _kind: str = kind,
-                         _type: type = record_type) -> None:
-                if not isinstance(record, _type):
-                    raise PluginError(f"plugin {_plugin!r} registered {record!r} with {hook_name}; expected a {_type.__name__}")
-                if record.name in _table:
-                    first = registry.owners[(_kind, record.name)]
-                    raise PluginError(
-                        f"duplicate {_kind[:-1].replace('_', ' ')} name {record.name!r}: registered by plugin "
-                        f"{first!r} and by plugin {_plugin!r}"
-                    )
-                _table[record.name] = record
-                registry.owners[(_kind, record.name)] = _plugin
-
-            caller(register=register)
+            try:
+                caller(register=functools.partial(_add_record, registry, kind, record_type, hook_name, plugin_name))
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
     return registry
 
 
 def plugin_version(pm: pluggy.PluginManager, plugin: object) -> str | None:
     """The version of the distribution that provides ``plugin`` (None for loose modules)."""
-    for p, dist in pm.list_plugin_distinfo():
-        if p is plugin:
-            return dist.version
+    name = pm.get_name(plugin)
+    if name in _DIST_VERSIONS:
+        return _DIST_VERSIONS[name]
     modname = getattr(plugin, "__name__", "")
     top = modname.split(".")[0]
     if top == hookspecs.PROJECT_NAME:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .engine import EvalResult
+from .states import write_state
 
 SUMMARY_ROWS = (
     ("worst group", "worst_group_acc"),
@@ -106,13 +107,29 @@ def _write_plot(result: EvalResult, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: EvalResult, results_path: str, predictions: bool = False, plot: bool = False) -> list[str]:
-    """Write the JSON (and the CSV / PNG when asked); all-or-nothing."""
+def state_path(results_path: str, method: str) -> str:
+    base = results_path[: -len(".json")] if results_path.endswith(".json") else results_path
+    return f"{base}_state_{method}.safetensors"
+
+
+def _state_writer(method):
+    def write(result: EvalResult, path: str) -> None:
+        write_state(path, method.name, method.state, {**result.provenance, "hyperparameters": method.info["hyperparameters"]})
+
+    return write
+
+
+def write_outputs(
+    result: EvalResult, results_path: str, predictions: bool = False, plot: bool = False, save_states: bool = False
+) -> list[str]:
+    """Write the JSON (and the CSV / PNG / fitted states when asked); all-or-nothing."""
     targets = [(results_path, _write_json)]
     if predictions:
         targets.append((predictions_path(results_path), _write_predictions))
     if plot:
         targets.append((plot_path(results_path), _write_plot))
+    if save_states:
+        targets += [(state_path(results_path, m.name), _state_writer(m)) for m in result.methods if m.state]
     staged: list[tuple[str, str]] = []
     try:
         for target, writer in targets:

@@ -1,0 +1,211 @@
+"""End to end through ``clip_benchmark_robust`` (in-process, and plain clip_benchmark as a subprocess)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clip_robust_plugins.groups import GroupSchema
+
+
+def read_json(path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+TINY = ["--model", "crp-tiny", "--pretrained", "spurious_shapes", "--num_workers", "0"]
+
+
+def test_results_json_agrees_exactly_with_predictions_csv(run_cli, shapes_flags, shapes_root, tmp_path):
+    out = tmp_path / "res.json"
+    rc, stdout, _ = run_cli(
+        "eval", *shapes_flags, *TINY, "--mitigation", "erm_head", "--save_predictions",
+        "--feature_cache", tmp_path / "cache", "--output", out,
+    )
+    assert rc == 0
+    assert "worst group" in stdout and "erm_head" in stdout  # the per-group table
+    dump = read_json(out)
+    assert set(dump) >= {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    metrics = dump["metrics"]
+    rows = list(csv.DictReader(open(tmp_path / "res_predictions.csv")))
+    assert list(rows[0]) == ["key", "y", "group", "pred_zeroshot", "pred_erm_head"]
+    assert len(rows) == 32 and len({r["key"] for r in rows}) == 32
+    schema = GroupSchema.read(shapes_root / "groups.json")
+    train = dict(zip(schema.group_names(), schema.counts("train")))
+    for method in ("zeroshot", "erm_head"):
+        hits, counts = defaultdict(int), defaultdict(int)
+        for r in rows:
+            counts[r["group"]] += 1
+            hits[r["group"]] += int(r[f"pred_{method}"] == r["y"])
+        accs = {g: hits[g] / counts[g] for g in counts}
+        for g in schema.group_names():
+            assert metrics[f"{method}/group_count/{g}"] == counts[g]
+            assert metrics[f"{method}/group_acc/{g}"] == accs[g]
+        worst = min(accs, key=accs.get)
+        assert metrics[f"{method}/worst_group_acc"] == accs[worst]
+        assert metrics[f"{method}/acc"] == sum(hits.values()) / len(rows)
+        weighted = sum(train[g] * accs[g] for g in accs) / sum(train[g] for g in accs)
+        assert metrics[f"{method}/acc_train_weighted"] == pytest.approx(weighted, abs=1e-12)
+        assert metrics[f"{method}/acc_group_mean"] == pytest.approx(np.mean(list(accs.values())), abs=1e-12)
+    assert metrics["acc1"] == metrics["zeroshot/acc1"] == metrics["zeroshot/acc"]
+    assert math.isnan(metrics["acc5"])  # two classes, as clip_benchmark reports it
+    assert dump["robust"]["methods"]["erm_head"]["needs"]["labels"] == ["class"]
+
+
+def test_second_run_reads_the_feature_cache(run_cli, shapes_flags, tmp_path):
+    args = ["eval", *shapes_flags, *TINY, "--mitigation", "erm_head", "--feature_cache", tmp_path / "cache"]
+    assert run_cli(*args, "--output", tmp_path / "a.json")[0] == 0
+    assert run_cli(*args, "--output", tmp_path / "b.json")[0] == 0
+    first, second = read_json(tmp_path / "a.json"), read_json(tmp_path / "b.json")
+    assert [e["split"] for e in first["robust"]["features_extracted"]] == ["test", "train"]
+    assert second["robust"]["features_extracted"] == []
+    assert json.dumps(first["metrics"], sort_keys=True) == json.dumps(second["metrics"], sort_keys=True)
+    # a corrupt cache file is rebuilt, not read
+    victim = Path(first["robust"]["feature_cache"][0])
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert run_cli(*args, "--output", tmp_path / "c.json")[0] == 0
+    third = read_json(tmp_path / "c.json")
+    assert len(third["robust"]["features_extracted"]) == 1
+    assert json.dumps(first["metrics"], sort_keys=True) == json.dumps(third["metrics"], sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mitigation", "no_such_method"], "unknown mitigation 'no_such_method'"),
+        (["--split", "holdout"], "has no split 'holdout'"),
+        (["--task", "linear_probe"], "task 'linear_probe' is not available"),
+    ],
+)
+def test_bad_requests_fail_with_one_line_and_write_nothing(run_cli, shapes_flags, tmp_path, extra, message):
+    out = tmp_path / "res.json"
+    rc, _, err = run_cli("eval", *shapes_flags, *TINY, "--no_feature_cache", "--output", out, *extra)
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("clip_benchmark_robust: error:") and message in last
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _plain_clip_benchmark(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Plain ``clip_benchmark``; on numpy>=2.4 its own accuracy() crash is asserted, then it
+    is rerun with only that function replaced (what 'clip_benchmark's result' can mean there)."""
+    proc = subprocess.run(["clip_benchmark", *argv], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        assert "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr, proc.stderr[-2000:]
+        shim = (
+            "import sys, clip_benchmark.metrics.zeroshot_classification as z\n"
+            "from clip_robust_plugins.compat import accuracy\n"
+            "z.accuracy = accuracy\n"
+            "from clip_benchmark.cli import main\n"
+            "sys.argv = ['clip_benchmark'] + sys.argv[1:]\n"
+            "main()\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", shim, *argv], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def vit_s_32_checkpoint(tmp_path_factory) -> Path:
+    """A seeded random-init ViT-S-32 saved as a local file (stands in for real weights)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("vit") / "vit_s_32_random.safetensors"
+    torch.manual_seed(0)  # test code: the global RNG is ours here
+    model = open_clip.create_model("ViT-S-32")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_plain_clip_benchmark_command_line_gives_the_same_acc1(run_cli, shapes_root, vit_s_32_checkpoint, tmp_path):
+    """Acceptance: `eval --dataset wds/NAME --dataset_root DIR --model ViT-S-32 --pretrained FILE` via both CLIs."""
+    argv = [
+        "eval", "--dataset", "wds/spurious_shapes", "--dataset_root", str(shapes_root),
+        "--model", "ViT-S-32", "--pretrained", str(vit_s_32_checkpoint), "--num_workers", "0",
+    ]
+    results = tmp_path / "results"
+    results.mkdir()
+    _plain_clip_benchmark([*argv, "--output", str(results / "plain.json")], cwd=tmp_path)
+    rc, _, _ = run_cli(*argv, "--output", results / "robust.json", "--no_feature_cache")
+    assert rc == 0
+    plain, ours = read_json(results / "plain.json"), read_json(results / "robust.json")
+    assert ours["metrics"]["acc1"] == plain["metrics"]["acc1"]
+    assert ours["metrics"]["mean_per_class_recall"] == pytest.approx(plain["metrics"]["mean_per_class_recall"], abs=1e-12)
+    assert "zeroshot/worst_group_acc" in ours["metrics"]
+    # clip_benchmark's build turns the directory into one CSV, through both CLIs
+    assert run_cli("build", results, "--output", tmp_path / "ours.csv")[0] == 0
+    subprocess.run(["clip_benchmark", "build", str(results), "--output", str(tmp_path / "plain.csv")], check=True)
+    for name in ("ours.csv", "plain.csv"):
+        rows = list(csv.DictReader(open(tmp_path / name)))
+        assert len(rows) == 2 and {r["acc1"] for r in rows} == {str(plain["metrics"]["acc1"])}
+        assert "zeroshot/worst_group_acc" in rows[0]
+
+
+def test_wds_without_groups_runs_clip_benchmark_itself(run_cli, shapes_root, tmp_path):
+    plain_root = tmp_path / "plain"
+    shutil.copytree(shapes_root, plain_root)
+    os.remove(plain_root / "groups.json")
+    out = tmp_path / "res.json"
+    rc, _, _ = run_cli(
+        "eval", "--dataset", "wds/plain", "--dataset_root", plain_root, *TINY, "--output", out, "--no_amp"
+    )
+    assert rc == 0
+    assert sorted(read_json(out)["metrics"]) == ["acc1", "acc5", "mean_per_class_recall"]
+    rc, _, err = run_cli(
+        "eval", "--dataset", "wds/plain", "--dataset_root", plain_root, *TINY, "--output", out, "--mitigation", "erm_head"
+    )
+    assert rc == 2 and "needs a group dataset" in err
+
+
+def test_eval_help_lists_robust_and_plugin_flags(capsys):
+    from clip_robust_plugins import cli, plugins
+
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["eval", "--help"])
+    finally:
+        plugins.set_plugin_manager(None)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--mitigation", "--plugin", "--save_predictions", "--feature_cache", "--shapes_correlation", "--erm_head_C"):
+        assert flag in out
+    assert "plugin clip_robust_plugins.datasets.spurious_shapes" in out  # plugin flags grouped by plugin
+
+
+def test_fitted_state_saves_and_reloads_without_refitting(run_cli, shapes_flags, tmp_path):
+    common = ["eval", *shapes_flags, *TINY, "--mitigation", "erm_head", "--feature_cache", tmp_path / "cache", "--save_predictions"]
+    assert run_cli(*common, "--save_mitigation_state", "--output", tmp_path / "fit.json")[0] == 0
+    state_file = tmp_path / "fit_state_erm_head.safetensors"
+    assert state_file.is_file() and not (tmp_path / "fit_state_zeroshot.safetensors").exists()
+    assert run_cli(*common, "--mitigation_state", state_file, "--output", tmp_path / "load.json")[0] == 0
+    loaded = read_json(tmp_path / "load.json")
+    assert loaded["robust"]["methods"]["erm_head"]["state_loaded_from"] == str(state_file)
+    assert loaded["robust"]["features_extracted"] == []  # neither refit (no train pass) nor re-extracted
+    fit_rows = list(csv.DictReader(open(tmp_path / "fit_predictions.csv")))
+    load_rows = list(csv.DictReader(open(tmp_path / "load_predictions.csv")))
+    assert fit_rows == load_rows
+
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a state")
+    rc, _, err = run_cli(*common, "--mitigation_state", bogus, "--output", tmp_path / "x.json")
+    assert rc == 2 and str(bogus) in err and not (tmp_path / "x.json").exists()
+    rc, _, err = run_cli(
+        "eval", *shapes_flags, *TINY, "--feature_cache", tmp_path / "cache", "--mitigation_state", state_file,
+        "--output", tmp_path / "y.json",
+    )
+    assert rc == 2 and "not among --mitigation" in err

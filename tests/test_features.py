@@ -1,0 +1,76 @@
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from clip_robust_plugins.features import CacheKey, FeatureCache, FeatureSet
+from clip_robust_plugins.groups import two_field_schema
+
+SCHEMA = two_field_schema(["a", "b"], ["x", "y"])
+KEY = CacheKey("open_clip", "crp-tiny", "ckpt:1:2", "robust/s", "fp", "test", "Compose()", "image", False)
+
+
+def feature_set(n=5, d=3):
+    gen = torch.Generator().manual_seed(0)
+    return FeatureSet(
+        tuple(f"k{i}" for i in range(n)),
+        torch.randn(n, d, generator=gen),
+        torch.tensor(np.stack([np.arange(n) % 2, (np.arange(n) // 2) % 2], 1)),
+        SCHEMA,
+    )
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(CacheKey)])
+def test_every_key_field_changes_the_digest(field):
+    value = getattr(KEY, field)
+    other = (not value) if isinstance(value, bool) else f"{value}-changed"
+    assert dataclasses.replace(KEY, **{field: other}).digest() != KEY.digest()
+
+
+def test_roundtrip_and_no_leftover_temporary_files(tmp_path):
+    cache = FeatureCache(tmp_path)
+    fs = feature_set()
+    path = cache.save(KEY, fs)
+    loaded = cache.load(KEY, SCHEMA)
+    assert loaded.cache_path == path
+    assert loaded.keys == fs.keys
+    assert torch.equal(loaded.features, fs.features) and torch.equal(loaded.fields, fs.fields)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{KEY.digest()}.safetensors"]
+
+
+def test_truncated_cache_file_is_reported_and_not_used(tmp_path):
+    cache = FeatureCache(tmp_path)
+    path = cache.save(KEY, feature_set())
+    data = open(path, "rb").read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert cache.load(KEY, SCHEMA) is None
+
+
+def test_entry_written_for_another_key_is_not_used(tmp_path):
+    cache = FeatureCache(tmp_path)
+    path = cache.save(dataclasses.replace(KEY, split="val"), feature_set())
+    target = cache.path(KEY)
+    target.write_bytes(open(path, "rb").read())
+    with pytest.warns(UserWarning, match="stored key does not match"):
+        assert cache.load(KEY, SCHEMA) is None
+
+
+def test_non_finite_features_are_rejected(tmp_path):
+    cache = FeatureCache(tmp_path)
+    fs = feature_set()
+    fs.features[0, 0] = float("nan")
+    cache.save(KEY, fs)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert cache.load(KEY, SCHEMA) is None
+
+
+def test_disabled_cache_writes_nothing(tmp_path):
+    cache = FeatureCache(None)
+    assert cache.save(KEY, feature_set()) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load(KEY, SCHEMA) is None
