@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.datasets.spurious_shapes",
     "clip_robust_plugins.mitigations.zeroshot",
     "clip_robust_plugins.mitigations.erm_head",
+    "clip_robust_plugins.mitigations.dfr",
 )
 
 
