@@ -337,7 +337,7 @@ def test_end_to_end_through_the_cli(run_cli, shapes_flags, tmp_path):
     out = tmp_path / "res.json"
     rc, stdout, _ = run_cli(
         "eval", *shapes_flags, "--model", "crp-tiny", "--pretrained", "spurious_shapes", "--num_workers", "0",
-        "--plugin", "clip_robust_plugins.mitigations.dfr", "--mitigation", "dfr", "--dfr_n_fits", "5",
+        "--mitigation", "dfr", "--dfr_n_fits", "5",
         "--feature_cache", tmp_path / "cache", "--output", out,
     )
     assert rc == 0 and "dfr" in stdout

@@ -362,7 +362,7 @@ def test_plugin_flag_loads_a_module_for_one_run_and_its_mitigation_runs(
     assert info["needs"]["labels"] == []
     # two classes: flipping the logits turns every right answer into a wrong one
     assert metrics["test_flip/acc"] == pytest.approx(1.0 - metrics["zeroshot/acc"])
-    assert metrics["test_flip/group_count/y:circle_a:land"] == 6.0  # 24 test images / 4 groups
+    assert metrics["test_flip/group_count/y:square_a:land"] == 6.0  # 24 test images / 4 groups
     # for one run only: the next command does not know it
     rc, out, _, _ = cli_run("plugins")
     assert rc == 0 and "crp_test_flip_plugin" not in {r["name"] for r in json.loads(out)}
@@ -398,8 +398,8 @@ def test_registered_test_plugin_takes_part_in_crp_eval(crp_plugin_manager, crp_e
     assert crp_plugin_manager.registry.owner("mitigations", "test_bias0") == "bias_plugin"
     results = crp_eval(mitigation=["test_bias0"], pretrained=tiny_pretrained)
     metrics = results["metrics"]
-    assert metrics["test_bias0/group_acc/y:circle_a:land"] == 1.0
-    assert metrics["test_bias0/group_acc/y:square_a:water"] == 0.0
+    assert metrics["test_bias0/group_acc/y:square_a:land"] == 1.0
+    assert metrics["test_bias0/group_acc/y:diamond_a:water"] == 0.0
     assert metrics["test_bias0/acc"] == 0.5 and results["robust"]["methods"]["test_bias0"]["plugin"] == "bias_plugin"
 
 

@@ -110,8 +110,10 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
     dataset = load_dataset(args, registry)
     eval_split = args.split
     splits = dataset.splits()
+    if eval_split not in splits:
+        raise EvalError(f"{args.dataset} has no split {eval_split!r} (splits: {list(splits)})")
     for spec in specs:
-        for split in (eval_split, *spec.needs.fit_splits):
+        for split in (eval_split, *(() if spec.name in saved else spec.needs.fit_splits)):
             if split not in splits:
                 raise EvalError(f"{spec.name}: needs split {split!r}, but {args.dataset} has {list(splits)}")
 

@@ -187,9 +187,90 @@ def encode_image_normalized(model: torch.nn.Module, images: torch.Tensor) -> tor
     return F.normalize(model.encode_image(images), dim=-1)
 
 
+#: the trainable image "heads" :func:`projection_head_type` tells apart
+HEAD_VIT_PROJ = "vit_proj"
+HEAD_ATTNPOOL = "attnpool"
+HEAD_ADAPTER = "adapter"
+HEAD_TYPES = (HEAD_VIT_PROJ, HEAD_ATTNPOOL, HEAD_ADAPTER)
+
+
+def projection_head_type(model: torch.nn.Module) -> str:
+    """Which image head ``preproj`` features feed, and so what a method can train on them.
+
+    - ``"vit_proj"``: an open_clip ``VisionTransformer`` (``model.visual.proj`` is a
+      Parameter): ``encode_image(x) == preproj(x) @ visual.proj``;
+    - ``"attnpool"``: an open_clip ``ModifiedResNet`` (``model.visual.attnpool``):
+      ``encode_image(x) == visual.attnpool(preproj(x).view(-1, C, H, W))``, see
+      :func:`attnpool_input_shape`;
+    - ``"adapter"``: any other tower (timm, HF, a ViT without ``proj``, an already
+      adapted model): ``preproj(x) == encode_image(x)``, so a method trains an adapter on
+      the (unnormalised) image embedding.
+    """
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        return HEAD_ADAPTER
+    if isinstance(getattr(visual, "proj", None), torch.nn.Parameter):
+        return HEAD_VIT_PROJ
+    if isinstance(getattr(visual, "attnpool", None), torch.nn.Module):
+        return HEAD_ATTNPOOL
+    return HEAD_ADAPTER
+
+
+def attnpool_input_shape(attnpool: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the feature map an open_clip ``AttentionPool2d`` takes (from its positional embedding)."""
+    tokens, channels = attnpool.positional_embedding.shape
+    side = int(round((tokens - 1) ** 0.5))
+    if side * side != tokens - 1:
+        raise ValueError(f"attnpool positional embedding of {tokens} tokens is not a square grid plus one")
+    return channels, side, side
+
+
+def preproj_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Image features *before* the trainable projection head, (N, P) and not normalised.
+
+    What they are depends on :func:`projection_head_type`:
+
+    - ``vit_proj``: the pooled token (after ``ln_post``), i.e. what ``VisionTransformer``
+      multiplies by ``proj``.  Computed by running the tower's own ``forward`` with
+      ``proj`` set to None for the call (restored in a ``finally``), so pooling, patch
+      dropout and norms are exactly the model's own.  Size: the tower width (768 for
+      ViT-B, 1024 for ViT-L).
+    - ``attnpool``: the ``layer4`` feature map that ``ModifiedResNet`` feeds to
+      ``attnpool``, captured with a forward pre-hook and flattened from (C, H, W).  It
+      is large: RN50 at 224 px gives 2048 x 7 x 7 = 100,352 floats (392 KiB) per image,
+      so Waterbirds' 4,795 training images take about 1.9 GB of cache.
+    - ``adapter``: ``model.encode_image(images)`` itself (not normalised).
+    """
+    head = projection_head_type(model)
+    visual = getattr(model, "visual", None)
+    if head == HEAD_VIT_PROJ:
+        proj = visual.proj
+        visual.proj = None
+        try:
+            out = visual(images)
+        finally:
+            visual.proj = proj
+        pooled = out[0] if isinstance(out, tuple) else out  # output_tokens=True returns (pooled, tokens)
+        return pooled
+    if head == HEAD_ATTNPOOL:
+        captured: list[torch.Tensor] = []
+
+        def grab(module, args):
+            captured.append(args[0])
+
+        handle = visual.attnpool.register_forward_pre_hook(grab)
+        try:
+            visual(images)
+        finally:
+            handle.remove()
+        return captured[-1].reshape(images.shape[0], -1)
+    return model.encode_image(images)
+
+
 #: feature kinds the extractor can compute; later methods add theirs here
 FEATURE_KINDS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
     "image": encode_image_normalized,
+    "preproj": preproj_features,
 }
 
 

@@ -37,6 +37,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.zeroshot",
     "clip_robust_plugins.mitigations.erm_head",
     "clip_robust_plugins.mitigations.dfr",
+    "clip_robust_plugins.mitigations.cfr",
 )
 
 

@@ -83,7 +83,7 @@ def crp_tiny_shards(tmp_path_factory) -> Path:
     """Root (a :class:`pathlib.Path`) of a tiny grouped shard set, generated once per session.
 
     It is ``robust/spurious_shapes`` with :data:`TINY_SHARDS_CONFIG` (48 train, 24 val,
-    24 test images of 32 px; circle/square x land/water, 95 %-correlated train split,
+    24 test images of 32 px; square/diamond x land/water, 95 %-correlated train split,
     group-balanced val/test).  Read it with
     ``clip_robust_plugins.datasets.wds.GroupedShards(root)``, evaluate it with
     ``--dataset robust/spurious_shapes --dataset_root ROOT`` plus :data:`TINY_SHARDS_FLAGS`
