@@ -43,3 +43,9 @@ def run_cli(capsys):
         return rc, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained() -> str:
+    """The shipped crp-tiny checkpoint's tag (resolved offline by the built-in models plugin)."""
+    return "spurious_shapes"

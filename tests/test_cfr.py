@@ -435,19 +435,6 @@ def test_plugin_registers_the_mitigation_flags_and_model_loader(crp_plugin_manag
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory) -> str:
-    """The shipped checkpoint tag, or (while it is not built yet) a seeded random crp-tiny file."""
-    if (models.ASSETS / "crp-tiny_spurious_shapes.safetensors").is_file():
-        return "spurious_shapes"
-    from safetensors.torch import save_file
-
-    model = tiny_vit()
-    path = tmp_path_factory.mktemp("ckpt") / "crp-tiny-random.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
 def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, shapes_root, tiny_pretrained, tmp_path):
     common = ["--model", "crp-tiny", "--pretrained", tiny_pretrained, "--num_workers", "0", "--no_amp",
               "--feature_cache", tmp_path / "cache"]

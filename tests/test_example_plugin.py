@@ -27,7 +27,7 @@ from clip_robust_plugins import DatasetRequest, Predictions, plugins
 from clip_robust_plugins.datasets.base import DatasetError
 from clip_robust_plugins.datasets.wds import GroupedShards
 from clip_robust_plugins.groups import two_field_schema
-from clip_robust_plugins.pytest_plugin import TINY_MODEL, TINY_PRETRAINED
+from clip_robust_plugins.pytest_plugin import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SRC = REPO / "examples" / "crp-example-plugin"
@@ -66,24 +66,6 @@ def example_on_path(example_site, monkeypatch):
 
     assert Path(crp_example_plugin.__file__).is_relative_to(example_site)  # the installed copy, not the source
     return crp_example_plugin
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory) -> str:
-    """The shipped checkpoint tag, or (while it is not built yet) a seeded random crp-tiny file."""
-    from clip_robust_plugins import models
-
-    if (models.ASSETS / f"{TINY_MODEL}_{TINY_PRETRAINED}.safetensors").is_file():
-        return TINY_PRETRAINED
-    import open_clip
-    from safetensors.torch import save_file
-
-    open_clip.add_model_config(models.ASSETS / f"{TINY_MODEL}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_MODEL)
-    path = tmp_path_factory.mktemp("ckpt") / "crp-tiny-random.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
 
 
 def cli_command() -> list[str]:

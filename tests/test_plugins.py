@@ -27,27 +27,6 @@ TRACE_PREFIX = "[clip_robust_plugins trace]"
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory) -> str:
-    """The shipped checkpoint tag, or (while it is not built yet) a seeded random crp-tiny file.
-
-    These tests are about plugins, not about the model's accuracy.
-    """
-    from clip_robust_plugins import models
-
-    if (models.ASSETS / f"{TINY_MODEL}_{TINY_PRETRAINED}.safetensors").is_file():
-        return TINY_PRETRAINED
-    import open_clip
-    from safetensors.torch import save_file
-
-    open_clip.add_model_config(models.ASSETS / f"{TINY_MODEL}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_MODEL)
-    path = tmp_path_factory.mktemp("ckpt") / "crp-tiny-random.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
 @pytest.fixture
 def cli_run(capsys):
     """``clip_benchmark_robust ARGS`` in-process -> (exit code, stdout, stderr, PluginImportWarnings)."""
