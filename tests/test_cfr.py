@@ -487,3 +487,18 @@ def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, sh
                          "--num_workers", "0", "--output", tmp_path / "bad.json")
     assert rc == 2 and "fitted on --model crp-tiny" in err
     assert Path(state_file).is_file()
+
+
+def test_image_features_derived_from_preproj_are_exact_and_save_a_forward():
+    from clip_robust_plugins.features import _batch_features
+
+    model = tiny_vit().eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.visual.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        both = _batch_features(model, images, ["image", "preproj"])
+        assert len(calls) == 1  # one tower forward for both kinds
+        alone = _batch_features(model, images, ["image"])
+    assert torch.equal(both["image"], alone["image"])  # bit-identical to encode_image
+    assert torch.equal(both["preproj"], preproj_features(model, images))

@@ -274,6 +274,37 @@ FEATURE_KINDS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 }
 
 
+def image_from_preproj(model: torch.nn.Module, preproj: torch.Tensor) -> torch.Tensor | None:
+    """``image`` features from ``preproj`` without a second forward, where that is exact.
+
+    For a ViT tower ``encode_image(x)`` is ``preproj(x) @ visual.proj``, the very matmul
+    the tower does; other heads return None and are computed by their own forward.
+    """
+    if projection_head_type(model) != HEAD_VIT_PROJ:
+        return None
+    return F.normalize(preproj @ model.visual.proj, dim=-1)
+
+
+#: kind -> (kind it can be derived from, derivation returning None when it cannot);
+#: when both are requested for a split, the source is computed first and reused
+DERIVED_KINDS: dict[str, tuple[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | None]]] = {
+    "image": ("preproj", image_from_preproj),
+}
+
+
+def _batch_features(model: torch.nn.Module, images: torch.Tensor, kinds: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every requested kind for one batch, sources of derived kinds first."""
+    sources = {DERIVED_KINDS[k][0] for k in kinds if k in DERIVED_KINDS}
+    computed: dict[str, torch.Tensor] = {}
+    for kind in sorted(kinds, key=lambda k: k not in sources):
+        derived = None
+        if kind in DERIVED_KINDS and DERIVED_KINDS[kind][0] in computed:
+            source, derive = DERIVED_KINDS[kind]
+            derived = derive(model, computed[source])
+        computed[kind] = derived if derived is not None else FEATURE_KINDS[kind](model, images)
+    return computed
+
+
 def autocast(device: str, enabled: bool):
     """``torch.autocast`` on the device's type (bf16 on CPU, fp16 on CUDA), as clip_benchmark."""
     return torch.autocast(torch.device(device).type, enabled=enabled)
@@ -368,8 +399,8 @@ class FeatureExtractor:
             for batch_keys, images, batch_fields in loader:
                 images = images.to(self.device)
                 with autocast(self.device, self.amp):
-                    for kind in kinds:
-                        feats[kind].append(FEATURE_KINDS[kind](self.model, images).float().cpu())
+                    for kind, values in _batch_features(self.model, images, kinds).items():
+                        feats[kind].append(values.float().cpu())
                 all_keys.extend(batch_keys)
                 fields.append(batch_fields)
                 bar.update(len(batch_keys))
