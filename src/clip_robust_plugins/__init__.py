@@ -13,6 +13,9 @@ from .records import (
     ModelLoaderSpec,
     Needs,
     Predictions,
+    RegionProposerSpec,
+    SampleViews,
+    ViewProviderSpec,
 )
 
 __version__ = "0.1.0"
@@ -26,6 +29,9 @@ __all__ = [
     "ModelLoaderSpec",
     "Needs",
     "Predictions",
+    "RegionProposerSpec",
+    "SampleViews",
+    "ViewProviderSpec",
     "__version__",
     "hookimpl",
 ]

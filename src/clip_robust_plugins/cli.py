@@ -121,7 +121,9 @@ def plugins_json(pm, registry: Registry) -> list[dict]:
     for row in rows:
         row["registers"] = {
             kind: sorted(name for (k, name), owner in registry.owners.items() if k == kind and owner == row["name"])
-            for kind in ("datasets", "metrics", "mitigations", "model_loaders", "checkpoints")
+            for kind in (
+                "datasets", "metrics", "mitigations", "model_loaders", "checkpoints", "view_providers", "region_proposers"
+            )
         }
     return rows
 

@@ -6,7 +6,8 @@ mitigations (and repeated runs) share one pass over the images.
 
 Cache file format (``<cache_dir>/<digest>.safetensors``, documented for users):
 
-- tensors ``features`` (N, D) float32, ``fields`` (N, n_fields) int64 (metadata values
+- tensors ``features`` (N, D) float32 ((N, V, D) for image-set kinds such as views
+  and regions, see :class:`ImageSetKind`), ``fields`` (N, n_fields) int64 (metadata values
   in the order of ``metadata["field_names"]``), ``keys_utf8`` uint8 (the sample keys,
   UTF-8, joined by ``\\n``);
 - string metadata ``format`` (:data:`CACHE_FORMAT`), ``cache_key`` (the JSON of the
@@ -36,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .datasets.base import RobustDataset
+from .datasets.base import DatasetError, RobustDataset, SampleImage
 from .groups import DEFAULT_GROUPING, GroupSchema
 
 CACHE_FORMAT = "clip_robust_plugins.features/1"
@@ -172,7 +173,7 @@ def _check_cache_entry(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         return f"missing tensors {sorted(missing)}"
     n = int(meta.get("n", -1))
     feats, fields = tensors["features"], tensors["fields"]
-    if feats.ndim != 2 or feats.shape[0] != n or fields.shape != (n, len(schema.fields)):
+    if feats.ndim not in (2, 3) or feats.shape[0] != n or fields.shape != (n, len(schema.fields)):
         return f"shapes {tuple(feats.shape)} / {tuple(fields.shape)} do not match n={n}"
     n_keys = len(bytes(tensors["keys_utf8"].numpy()).decode("utf-8").split("\n")) if n else 0
     if n_keys != n:
@@ -305,6 +306,53 @@ def _batch_features(model: torch.nn.Module, images: torch.Tensor, kinds: Sequenc
     return computed
 
 
+@dataclass(frozen=True)
+class ImageSetKind:
+    """A feature kind made of several images derived from each sample (views, regions).
+
+    ``derive(sample)`` gets a :class:`~clip_robust_plugins.datasets.base.SampleImage`
+    (image, metadata, mask) and returns exactly ``count`` PIL images; each goes through
+    the model's own preprocessing and image tower, and the normalised embeddings are
+    stored as (N, count, D).  ``name`` and ``config`` enter the cache key, so change
+    ``config`` whenever the derived images change.  ``derive`` must be picklable
+    (a module-level function or class instance) for DataLoader workers.
+    """
+
+    name: str
+    derive: Callable[[SampleImage], Sequence[Any]]
+    count: int
+    config: str = ""
+
+
+class _DerivedImages:
+    """The sample transform behind an :class:`ImageSetKind`: derive, preprocess, stack."""
+
+    wants_sample = True
+
+    def __init__(self, kind: ImageSetKind, transform: Callable):
+        self.kind = kind
+        self.transform = transform
+
+    def __call__(self, sample: SampleImage) -> torch.Tensor:
+        images = list(self.kind.derive(sample))
+        if len(images) != self.kind.count:
+            raise DatasetError(
+                f"sample {sample.key!r}: {self.kind.name} made {len(images)} images, expected {self.kind.count}"
+            )
+        return torch.stack([self.transform(image) for image in images])
+
+    def __repr__(self) -> str:
+        return f"{self.kind.name}[{self.kind.config}]x{self.kind.count}({self.transform!r})"
+
+
+FeatureKind = str | ImageSetKind
+
+
+def kind_name(kind: FeatureKind) -> str:
+    """The name a feature kind is stored and looked up under."""
+    return kind.name if isinstance(kind, ImageSetKind) else kind
+
+
 def autocast(device: str, enabled: bool):
     """``torch.autocast`` on the device's type (bf16 on CPU, fp16 on CUDA), as clip_benchmark."""
     return torch.autocast(torch.device(device).type, enabled=enabled)
@@ -341,7 +389,8 @@ class FeatureExtractor:
         self.progress = progress
         self.extracted: list[dict[str, Any]] = []  # what ran (for the report and the benchmarks)
 
-    def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: str) -> CacheKey:
+    def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: FeatureKind) -> CacheKey:
+        transform = _DerivedImages(kind, self.transform) if isinstance(kind, ImageSetKind) else self.transform
         return CacheKey(
             model_type=self.model_type,
             model=self.model_name,
@@ -349,37 +398,48 @@ class FeatureExtractor:
             dataset=dataset_name,
             dataset_fingerprint=dataset.fingerprint(split),
             split=split,
-            transform=repr(self.transform),
-            kind=kind,
+            transform=repr(transform),
+            kind=kind_name(kind),
             amp=self.amp,
         )
 
-    def extract(self, dataset: RobustDataset, dataset_name: str, split: str, kinds: Sequence[str] = ("image",)) -> dict[str, FeatureSet]:
-        """Features of ``split`` for each kind; uncached kinds share one pass over the images."""
-        unknown = [k for k in kinds if k not in FEATURE_KINDS]
+    def extract(
+        self, dataset: RobustDataset, dataset_name: str, split: str, kinds: Sequence[FeatureKind] = ("image",)
+    ) -> dict[str, FeatureSet]:
+        """Features of ``split`` for each kind, by kind name.
+
+        Uncached plain kinds share one pass over the images; each image-set kind
+        (:class:`ImageSetKind`) takes its own pass, since it decodes whole samples.
+        """
+        unknown = [k for k in kinds if not isinstance(k, ImageSetKind) and k not in FEATURE_KINDS]
         if unknown:
             raise KeyError(f"unknown feature kind(s) {unknown}; known: {sorted(FEATURE_KINDS)}")
         out: dict[str, FeatureSet] = {}
-        keys = {kind: self.key(dataset, dataset_name, split, kind) for kind in kinds}
-        todo = []
+        todo: list[FeatureKind] = []
         for kind in kinds:
-            cached = self.cache.load(keys[kind], dataset.schema)
+            cached = self.cache.load(self.key(dataset, dataset_name, split, kind), dataset.schema)
             if cached is not None:
-                out[kind] = cached
+                out[kind_name(kind)] = cached
             else:
                 todo.append(kind)
-        if todo:
-            fresh = self._run(dataset, split, todo)
-            for kind, fs in fresh.items():
-                path = self.cache.save(keys[kind], fs)
-                out[kind] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, kind, path)
-            self.extracted.append({"split": split, "kinds": todo, "n": len(next(iter(fresh.values())))})
+        plain = [k for k in todo if not isinstance(k, ImageSetKind)]
+        passes: list[list[FeatureKind]] = ([plain] if plain else []) + [[k] for k in todo if isinstance(k, ImageSetKind)]
+        for group in passes:
+            fresh = self._run(dataset, split, group)
+            for kind in group:
+                fs = fresh[kind_name(kind)]
+                path = self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
+                out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
+            self.extracted.append({"split": split, "kinds": [kind_name(k) for k in group], "n": len(fresh[kind_name(group[0])])})
         return out
 
     @torch.no_grad()
-    def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[str]) -> dict[str, FeatureSet]:
+    def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet]:
+        image_set = kinds[0] if isinstance(kinds[0], ImageSetKind) else None
+        transform = _DerivedImages(image_set, self.transform) if image_set is not None else self.transform
+        names = [kind_name(k) for k in kinds]
         loader = torch.utils.data.DataLoader(
-            dataset.samples(split, self.transform),
+            dataset.samples(split, transform),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
@@ -387,20 +447,24 @@ class FeatureExtractor:
         counts = dataset.schema.split_counts.get(split)
         bar = tqdm(
             total=sum(counts) if counts else None,
-            desc=f"{split}: {'+'.join(kinds)} features",
+            desc=f"{split}: {'+'.join(names)} features",
             unit="img",
             disable=not self.progress,
             file=sys.stderr,
         )
         all_keys: list[str] = []
         fields: list[torch.Tensor] = []
-        feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+        feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         with bar:
             for batch_keys, images, batch_fields in loader:
                 images = images.to(self.device)
                 with autocast(self.device, self.amp):
-                    for kind, values in _batch_features(self.model, images, kinds).items():
-                        feats[kind].append(values.float().cpu())
+                    if image_set is not None:  # (B, V, 3, H, W) -> (B, V, D)
+                        flat = encode_image_normalized(self.model, images.flatten(0, 1))
+                        feats[image_set.name].append(flat.float().cpu().unflatten(0, images.shape[:2]))
+                    else:
+                        for kind, values in _batch_features(self.model, images, names).items():
+                            feats[kind].append(values.float().cpu())
                 all_keys.extend(batch_keys)
                 fields.append(batch_fields)
                 bar.update(len(batch_keys))
@@ -413,7 +477,7 @@ class FeatureExtractor:
         dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
         return {
             kind: FeatureSet(tuple(all_keys), torch.cat(feats[kind]), field_tensor, dataset.schema, kind)
-            for kind in kinds
+            for kind in names
         }
 
 

@@ -58,6 +58,24 @@ def register_checkpoints(register: Callable) -> None:
 
 
 @hookspec
+def register_view_providers(register: Callable) -> None:
+    """Register foreground/background view providers: ``register(ViewProviderSpec(...))``.
+
+    Used by test-time methods such as SEraser; a segmenter plugin (e.g. Grounded-SAM)
+    registers one to replace the dataset's masks or the augmentation fallback.
+    """
+
+
+@hookspec
+def register_region_proposers(register: Callable) -> None:
+    """Register region proposers: ``register(RegionProposerSpec(...))``.
+
+    Used by region-level methods such as RaVL discovery (quadrants, grids, dataset boxes,
+    or a third party's detector).
+    """
+
+
+@hookspec
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     """Add command-line flags to ``eval`` (and ``demo``), like tox's ``tox_add_option``.
 

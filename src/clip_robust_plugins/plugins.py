@@ -24,7 +24,15 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .records import CheckpointSpec, DatasetSpec, MetricSpec, MitigationSpec, ModelLoaderSpec
+from .records import (
+    CheckpointSpec,
+    DatasetSpec,
+    MetricSpec,
+    MitigationSpec,
+    ModelLoaderSpec,
+    RegionProposerSpec,
+    ViewProviderSpec,
+)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 ENV_ALLOWLIST = "CLIP_ROBUST_PLUGINS"
@@ -129,6 +137,8 @@ class Registry:
     mitigations: dict[str, MitigationSpec] = field(default_factory=dict)
     model_loaders: dict[str, ModelLoaderSpec] = field(default_factory=dict)
     checkpoints: dict[str, CheckpointSpec] = field(default_factory=dict)
+    view_providers: dict[str, ViewProviderSpec] = field(default_factory=dict)
+    region_proposers: dict[str, RegionProposerSpec] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def owner(self, kind: str, name: str) -> str:
@@ -142,6 +152,12 @@ class Registry:
 
     def model_loader(self, name: str) -> ModelLoaderSpec:
         return self._get("model_loaders", name)
+
+    def view_provider(self, name: str) -> ViewProviderSpec:
+        return self._get("view_providers", name)
+
+    def region_proposer(self, name: str) -> RegionProposerSpec:
+        return self._get("region_proposers", name)
 
     def checkpoint(self, model: str, pretrained: str) -> CheckpointSpec | None:
         return self.checkpoints.get(f"{model},{pretrained}")
@@ -163,6 +179,8 @@ _HOOKS: tuple[tuple[str, str, type], ...] = (
     ("register_mitigations", "mitigations", MitigationSpec),
     ("register_model_loaders", "model_loaders", ModelLoaderSpec),
     ("register_checkpoints", "checkpoints", CheckpointSpec),
+    ("register_view_providers", "view_providers", ViewProviderSpec),
+    ("register_region_proposers", "region_proposers", RegionProposerSpec),
 )
 
 

@@ -9,15 +9,16 @@ treats a built-in and a third-party contribution the same way.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
+    from PIL import Image
 
-    from .datasets.base import RobustDataset
+    from .datasets.base import RobustDataset, SampleImage
     from .mitigations.base import Mitigation
 
 
@@ -148,3 +149,50 @@ class CheckpointSpec:
     @property
     def name(self) -> str:
         return f"{self.model},{self.pretrained}"
+
+
+@dataclass(frozen=True)
+class SampleViews:
+    """Foreground-only and background-only views of one sample (PIL images).
+
+    A provider returns the same numbers of views for every sample (they are embedded
+    as fixed-size (N, V, D) feature blocks).
+    """
+
+    foreground: tuple[Image.Image, ...]
+    background: tuple[Image.Image, ...]
+
+
+@dataclass(frozen=True)
+class ViewProviderSpec:
+    """Foreground/background views for methods such as SEraser (``--seraser_views NAME``).
+
+    ``create(options)`` returns a picklable callable ``provider(sample) -> SampleViews``
+    taking a :class:`~clip_robust_plugins.datasets.base.SampleImage` (image, metadata,
+    mask).  The provider object should have a ``config`` string attribute naming its
+    settings (it enters the feature-cache key).  A segmenter (e.g. Grounded-SAM) plugs
+    in here as a third-party plugin.
+    """
+
+    name: str
+    create: Callable[[argparse.Namespace], Callable[[SampleImage], SampleViews]]
+    description: str = ""
+
+
+#: a region as ``(x0, y0, x1, y1)`` in pixels of the sample image, x1/y1 exclusive
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class RegionProposerSpec:
+    """Image regions for region-level methods such as RaVL (``--ravl_regions NAME``).
+
+    ``create(options)`` returns a picklable callable ``proposer(sample) -> list[Box]``
+    taking a :class:`~clip_robust_plugins.datasets.base.SampleImage`; it should return
+    the same number of boxes for every sample and carry a ``config`` string attribute
+    naming its settings (it enters the feature-cache key).
+    """
+
+    name: str
+    create: Callable[[argparse.Namespace], Callable[[SampleImage], Sequence[Box]]]
+    description: str = ""

@@ -10,10 +10,12 @@ interface, so a third-party reader plugs in by returning one from its ``DatasetS
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..groups import GroupSchema
 
@@ -23,6 +25,46 @@ SampleTuple = tuple[str, torch.Tensor, torch.Tensor]
 
 class DatasetError(ValueError):
     """Bad dataset input: the message names the file (and the sample key where known)."""
+
+
+@dataclass(frozen=True)
+class SampleImage:
+    """One decoded sample as a *sample transform* sees it (views, regions).
+
+    ``meta`` is the sample's metadata (field values by name plus extras such as
+    ``box``: ``[x0, y0, x1, y1]`` in pixels of ``image``); ``mask`` is the dataset's
+    foreground mask (mode ``L``, same size as ``image``) when it has one.
+    """
+
+    key: str
+    image: Image.Image
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    mask: Image.Image | None = None
+
+
+def wants_sample(transform: Callable | None) -> bool:
+    """True for transforms that take a whole :class:`SampleImage` instead of a PIL image.
+
+    Such transforms set ``wants_sample = True``; they compute several images per sample
+    (foreground/background views, region crops) and need the mask and boxes too.
+    """
+    return bool(getattr(transform, "wants_sample", False))
+
+
+def apply_transform(
+    transform: Callable | None,
+    key: str,
+    image: Image.Image,
+    meta: Mapping[str, Any] | None = None,
+    mask: Image.Image | None = None,
+) -> Any:
+    """What every reader calls on a decoded image: plain transforms get the image,
+    sample transforms (:func:`wants_sample`) get the whole :class:`SampleImage`."""
+    if transform is None:
+        return image
+    if wants_sample(transform):
+        return transform(SampleImage(key, image.convert("RGB"), dict(meta or {}), mask))
+    return transform(image)
 
 
 class RobustDataset(ABC):
@@ -41,7 +83,11 @@ class RobustDataset(ABC):
 
     @abstractmethod
     def samples(self, split: str, transform: Callable | None) -> torch.utils.data.Dataset:
-        """A torch dataset of :data:`SampleTuple` for ``split``, in a deterministic order."""
+        """A torch dataset of :data:`SampleTuple` for ``split``, in a deterministic order.
+
+        Readers apply ``transform`` with :func:`apply_transform`, so transforms that want
+        the whole sample (mask, box metadata) receive a :class:`SampleImage`.
+        """
 
     @abstractmethod
     def fingerprint(self, split: str) -> str:

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..groups import GROUPS_FILE, GroupSchema
-from .base import DatasetError, RobustDataset
+from .base import DatasetError, RobustDataset, apply_transform, wants_sample
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -139,7 +139,13 @@ class _SampleDecoder:
         except (ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{where}bad metadata json ({type(exc).__name__}: {exc})") from None
         self.schema.validate_values(np.asarray([values]), where=where)
-        image_tensor = self.transform(image) if self.transform is not None else image
+        mask = None
+        if "mask.png" in sample and wants_sample(self.transform):  # decoded only for view/region transforms
+            try:
+                mask = Image.open(io.BytesIO(sample["mask.png"])).convert("L")
+            except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
+                raise DatasetError(f"{where}undecodable mask ({exc})") from None
+        image_tensor = apply_transform(self.transform, key, image, meta, mask)
         return key, image_tensor, torch.tensor(values, dtype=torch.int64)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets.base import RobustDataset
-from ..features import FeatureExtractor, FeatureSet, autocast
+from ..features import FeatureExtractor, FeatureKind, FeatureSet, autocast, kind_name
 
 
 class RunContext:
@@ -74,20 +74,24 @@ class RunContext:
     def n_classes(self) -> int:
         return len(self.classnames)
 
-    def features(self, split: str, kind: str = "image") -> FeatureSet:
-        """Features of ``split`` (cached on disk and in memory)."""
-        return self.prefetch(split, (kind,))[kind]
+    def features(self, split: str, kind: FeatureKind = "image") -> FeatureSet:
+        """Features of ``split`` (cached on disk and in memory).
 
-    def prefetch(self, split: str, kinds: Sequence[str]) -> dict[str, FeatureSet]:
+        ``kind`` is a name from :data:`~clip_robust_plugins.features.FEATURE_KINDS` or an
+        :class:`~clip_robust_plugins.features.ImageSetKind` (views, regions: (N, V, D)).
+        """
+        return self.prefetch(split, (kind,))[kind_name(kind)]
+
+    def prefetch(self, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet]:
         """Extract several kinds of one split in a single pass over its images."""
         if split not in self.dataset.splits():
             raise ValueError(f"dataset {self.dataset_name!r} has no split {split!r} (splits: {list(self.dataset.splits())})")
-        missing = [k for k in kinds if (split, k) not in self._features]
+        missing = [k for k in kinds if (split, kind_name(k)) not in self._features]
         if missing:
             got = self.extractor.extract(self.dataset, self.dataset_name, split, missing)
-            for kind, fs in got.items():
-                self._features[(split, kind)] = fs
-        return {k: self._features[(split, k)] for k in kinds}
+            for name, fs in got.items():
+                self._features[(split, name)] = fs
+        return {kind_name(k): self._features[(split, kind_name(k))] for k in kinds}
 
     def cache_paths(self) -> list[str]:
         """The feature-cache files this run read or wrote."""
