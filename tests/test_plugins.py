@@ -22,7 +22,7 @@ from clip_robust_plugins.mitigations.base import Mitigation
 from clip_robust_plugins.plugins import PluginError, PluginImportWarning
 from clip_robust_plugins.pytest_plugin import TINY_MODEL, TINY_PRETRAINED
 
-KINDS = ("datasets", "metrics", "mitigations", "model_loaders", "checkpoints")
+KINDS = ("datasets", "metrics", "mitigations", "model_loaders", "checkpoints", "view_providers", "region_proposers")
 TRACE_PREFIX = "[clip_robust_plugins trace]"
 
 
