@@ -74,3 +74,53 @@ def test_disabled_cache_writes_nothing(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cache.load(KEY, SCHEMA) is None
+
+
+def test_flipped_byte_in_the_data_is_caught_by_the_checksum(tmp_path):
+    cache = FeatureCache(tmp_path)
+    path = cache.save(KEY, feature_set())
+    data = bytearray(open(path, "rb").read())
+    data[-5] ^= 0x01  # inside the last tensor's bytes: the file still parses
+    open(path, "wb").write(bytes(data))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert cache.load(KEY, SCHEMA) is None
+
+
+def test_leftover_temporary_file_of_a_killed_write_is_never_read(tmp_path):
+    cache = FeatureCache(tmp_path)
+    (tmp_path / f".{KEY.digest()}.safetensors.abc.tmp").write_bytes(b"half a file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load(KEY, SCHEMA) is None
+
+
+def test_cache_file_is_the_documented_format(tmp_path):
+    """Users read cache files with plain safetensors: embeddings, labels, attributes, groups, keys."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    fs = feature_set()
+    path = FeatureCache(tmp_path).save(KEY, fs)
+    tensors = load_file(path)
+    assert torch.equal(tensors["features"], fs.features)
+    assert torch.equal(tensors["labels"], fs.fields[:, 0])
+    assert torch.equal(tensors["fields"], fs.fields)
+    assert tensors["group_ids"].tolist() == (fs.fields[:, 0] * 2 + fs.fields[:, 1]).tolist()
+    assert bytes(tensors["keys_utf8"].numpy()).decode().split("\n") == list(fs.keys)
+    with safe_open(path, "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["group_names"]) == SCHEMA.group_names()
+    assert json.loads(meta["field_names"]) == ["y", "a"]
+    assert json.loads(meta["cache_key"])["split"] == "test"
+
+
+def test_registered_checkpoint_tag_is_keyed_by_its_file():
+    """Replacing the file behind ``--pretrained spurious_shapes`` must change the cache key."""
+    from clip_robust_plugins import features
+
+    ident = features._resolve_checkpoint("open_clip", "crp-tiny", "spurious_shapes")
+    assert ident.endswith("crp-tiny_spurious_shapes.safetensors")
+    assert features.pretrained_identity(ident).count(":") >= 2  # path:size:mtime
+    assert features._resolve_checkpoint("open_clip", "ViT-B-32", "openai") == "openai"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import states
+from . import distributed, states
 from .datasets.base import DatasetError, RobustDataset
 from .datasets.wds import GroupedShards, has_groups
 from .features import FeatureCache, FeatureExtractor, default_cache_dir
@@ -96,8 +96,12 @@ def _custom_names(path: str | None, dataset: str) -> Any:
     return None
 
 
-def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
-    """Run zero-shot and every requested mitigation on ``args.split``; compute all metrics."""
+def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
+    """Run zero-shot and every requested mitigation on ``args.split``; compute all metrics.
+
+    Under torchrun, every rank extracts its share of the features and only rank 0 goes on
+    (fits, predicts, scores); the other ranks return None.
+    """
     methods = [BASELINE] + [m for m in dict.fromkeys(args.mitigation or []) if m != BASELINE]
     try:
         specs = [registry.mitigation(m) for m in methods]
@@ -122,6 +126,9 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
     if len(classnames) != len(dataset.schema.classnames):
         raise EvalError(f"{len(classnames)} class names given for {len(dataset.schema.classnames)} classes")
 
+    dist = distributed.from_env(args.device)  # torchrun: this rank extracts its share
+    if dist is not None:
+        args.device = dist.device
     loader = registry.model_loader(args.model_type)
     model, transform, tokenizer = loader.load(
         model_name=args.model, pretrained=args.pretrained, cache_dir=args.model_cache_dir, device=args.device
@@ -164,8 +171,17 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
         for split in (eval_split, *fit_splits):
             kinds = plan.setdefault(split, [])
             kinds.extend(k for k in spec.needs.feature_kinds if k not in kinds)
+    extractor.dist = dist
     for split, kinds in plan.items():
-        ctx.prefetch(split, kinds)
+        if dist is None or dist.is_main:
+            ctx.prefetch(split, kinds)
+        else:
+            extractor.extract(dataset, args.dataset, split, kinds)
+    if dist is not None:
+        # Rank 0 holds every planned feature; anything a method asks for later it extracts alone.
+        extractor.dist = None
+        if not dist.is_main:
+            return None
 
     eval_fs = ctx.features(eval_split)
     schema = dataset.schema
@@ -228,7 +244,9 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult:
             "methods": {r.name: r.info for r in results},
             "groups": schema.group_names(),
             "dataset_source": dataset.describe(),
+            "feature_cache_dir": str(cache_dir) if cache_dir is not None else None,
             "feature_cache": ctx.cache_paths(),
+            "processes": dist.world_size if dist is not None else 1,
             "features_extracted": extractor.extracted,
         },
     }
@@ -274,6 +292,10 @@ def run(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         result = evaluate(args, registry)
     except (DatasetError, PluginError, states.StateError) as exc:
         raise EvalError(str(exc)) from None
+    finally:
+        distributed.close_default()
+    if result is None:  # a torchrun worker rank: rank 0 reports
+        return None
     print(report.format_table(result), file=sys.stdout)
     written = report.write_outputs(
         result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state

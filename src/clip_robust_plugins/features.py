@@ -1,20 +1,27 @@
 """Feature extraction with an on-disk cache.
 
 Image embeddings are computed once per (model, checkpoint, dataset, split, transform,
-feature kind, precision) and stored as one safetensors file per key, so several
-mitigations (and repeated runs) share one pass over the images.
+feature kind, precision, device type, software versions) and stored as one safetensors
+file per key, so several mitigations (and repeated runs) share one pass over the images.
 
-Cache file format (``<cache_dir>/<digest>.safetensors``, documented for users):
+Cache file format (``<cache_dir>/<digest>.safetensors``, a documented format that users
+may read for their own analyses, e.g. ``safetensors.torch.load_file(path)``):
 
-- tensors ``features`` (N, D) float32 ((N, V, D) for image-set kinds such as views
-  and regions, see :class:`ImageSetKind`), ``fields`` (N, n_fields) int64 (metadata values
-  in the order of ``metadata["field_names"]``), ``keys_utf8`` uint8 (the sample keys,
-  UTF-8, joined by ``\\n``);
-- string metadata ``format`` (:data:`CACHE_FORMAT`), ``cache_key`` (the JSON of the
-  key fields), ``field_names`` (JSON list) and ``n`` (row count).
+- ``features``: (N, D) float32 embeddings (L2-normalised for kind ``image``; (N, V, D)
+  for image-set kinds such as views and regions, see :class:`ImageSetKind`);
+- ``fields``: (N, n_fields) int64 metadata values (class label, spurious attributes, ...)
+  in the order of the ``field_names`` metadata entry;
+- ``labels``: (N,) int64 class labels (the class field's column of ``fields``);
+- ``group_ids``: (N,) int64 ids of the default grouping (``g = y * n_a + a`` for two
+  fields), named by the ``group_names`` metadata entry;
+- ``keys_utf8``: uint8, the sample keys in UTF-8 joined by ``\\n``, row-aligned;
+- string metadata ``format`` (:data:`CACHE_FORMAT`), ``cache_key`` (JSON of the key
+  fields), ``field_names``, ``field_values`` (value names per field), ``group_names``
+  (JSON lists), ``n`` (rows) and ``sha256`` (of the tensors' bytes).
 
-Writes are atomic (temporary file + ``os.replace``); a file whose metadata, shapes or
-contents do not check out is reported and rebuilt, never used.
+Writes are atomic (temporary file + ``os.replace``), so a killed process or a full disk
+leaves at most a ``.*.tmp`` file that is never read; a file whose metadata, shapes,
+checksum or contents do not check out is reported and rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .datasets.base import DatasetError, RobustDataset, SampleImage
+from .distributed import DistContext
 from .groups import DEFAULT_GROUPING, GroupSchema
 
-CACHE_FORMAT = "clip_robust_plugins.features/1"
+CACHE_FORMAT = "clip_robust_plugins.features/2"
 ENV_CACHE_DIR = "CLIP_ROBUST_FEATURE_CACHE"
 
 
@@ -87,10 +95,30 @@ class CacheKey:
     transform: str
     kind: str
     amp: bool
+    #: "cpu" or "cuda": kernels (and autocast's bf16 vs fp16) differ between them
+    device_type: str = "cpu"
+    #: torch and open_clip versions: an upgrade may change the numbers
+    software: str = ""
     format: str = CACHE_FORMAT
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def software_versions() -> str:
+    """The library versions that feature values depend on (part of every cache key)."""
+    import open_clip
+
+    return f"torch={torch.__version__};open_clip={open_clip.__version__}"
+
+
+def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def pretrained_identity(pretrained: str) -> str:
@@ -136,16 +164,22 @@ class FeatureCache:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         keys_blob = "\n".join(fs.keys).encode("utf-8")
+        fields = fs.fields.contiguous().long()
         tensors = {
             "features": fs.features.contiguous().float(),
-            "fields": fs.fields.contiguous().long(),
+            "fields": fields,
+            "labels": fields[:, fs.schema.class_index].contiguous(),
+            "group_ids": torch.from_numpy(fs.schema.group_ids(fields.numpy())).long(),
             "keys_utf8": torch.frombuffer(bytearray(keys_blob), dtype=torch.uint8) if keys_blob else torch.zeros(0, dtype=torch.uint8),
         }
         meta = {
             "format": CACHE_FORMAT,
             "cache_key": json.dumps(asdict(key), sort_keys=True),
             "field_names": json.dumps(list(fs.schema.field_names)),
+            "field_values": json.dumps([list(f.values) for f in fs.schema.fields]),
+            "group_names": json.dumps(fs.schema.group_names()),
             "n": str(len(fs)),
+            "sha256": _tensor_digest(tensors),
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -168,9 +202,11 @@ def _check_cache_entry(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         return "stored key does not match"
     if json.loads(meta.get("field_names", "[]")) != list(schema.field_names):
         return "metadata fields differ from the dataset's"
-    missing = {"features", "fields", "keys_utf8"} - set(tensors)
+    missing = {"features", "fields", "labels", "group_ids", "keys_utf8"} - set(tensors)
     if missing:
         return f"missing tensors {sorted(missing)}"
+    if meta.get("sha256") != _tensor_digest(tensors):
+        return "checksum mismatch (partly written or corrupted)"
     n = int(meta.get("n", -1))
     feats, fields = tensors["features"], tensors["fields"]
     if feats.ndim not in (2, 3) or feats.shape[0] != n or fields.shape != (n, len(schema.fields)):
@@ -358,6 +394,17 @@ def autocast(device: str, enabled: bool):
     return torch.autocast(torch.device(device).type, enabled=enabled)
 
 
+def _resolve_checkpoint(model_type: str, model_name: str, pretrained: str) -> str:
+    """A registered checkpoint tag (``crp-tiny``/``spurious_shapes``) as the file it names,
+    so the cache notices when a package update replaces the file."""
+    if model_type != "open_clip":
+        return pretrained
+    from .plugins import get_registry
+
+    checkpoint = get_registry().checkpoint(model_name, pretrained)
+    return str(checkpoint.path) if checkpoint is not None and checkpoint.path.is_file() else pretrained
+
+
 class FeatureExtractor:
     """Computes (or loads from the cache) features of a dataset split with one model."""
 
@@ -380,7 +427,7 @@ class FeatureExtractor:
         self.transform = transform
         self.model_type = model_type
         self.model_name = model_name
-        self.pretrained_id = pretrained_identity(pretrained)
+        self.pretrained_id = pretrained_identity(_resolve_checkpoint(model_type, model_name, pretrained))
         self.device = device
         self.amp = amp
         self.batch_size = batch_size
@@ -388,6 +435,8 @@ class FeatureExtractor:
         self.cache = cache or FeatureCache(None)
         self.progress = progress
         self.extracted: list[dict[str, Any]] = []  # what ran (for the report and the benchmarks)
+        #: the torchrun job this extractor shares passes with (None: this process alone)
+        self.dist: DistContext | None = None
 
     def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: FeatureKind) -> CacheKey:
         transform = _DerivedImages(kind, self.transform) if isinstance(kind, ImageSetKind) else self.transform
@@ -401,6 +450,8 @@ class FeatureExtractor:
             transform=repr(transform),
             kind=kind_name(kind),
             amp=self.amp,
+            device_type=torch.device(self.device).type,
+            software=software_versions(),
         )
 
     def extract(
@@ -416,16 +467,22 @@ class FeatureExtractor:
             raise KeyError(f"unknown feature kind(s) {unknown}; known: {sorted(FEATURE_KINDS)}")
         out: dict[str, FeatureSet] = {}
         todo: list[FeatureKind] = []
+        main = self.dist is None or self.dist.is_main
         for kind in kinds:
-            cached = self.cache.load(self.key(dataset, dataset_name, split, kind), dataset.schema)
+            cached = self.cache.load(self.key(dataset, dataset_name, split, kind), dataset.schema) if main else None
             if cached is not None:
                 out[kind_name(kind)] = cached
             else:
                 todo.append(kind)
+        if self.dist is not None:  # rank 0 owns the cache; every rank extracts what it lacks
+            todo_names = self.dist.broadcast([kind_name(k) for k in todo])
+            todo = [k for k in kinds if kind_name(k) in todo_names]
         plain = [k for k in todo if not isinstance(k, ImageSetKind)]
         passes: list[list[FeatureKind]] = ([plain] if plain else []) + [[k] for k in todo if isinstance(k, ImageSetKind)]
         for group in passes:
             fresh = self._run(dataset, split, group)
+            if fresh is None:  # a worker rank: its share went to rank 0
+                continue
             for kind in group:
                 fs = fresh[kind_name(kind)]
                 path = self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
@@ -433,20 +490,62 @@ class FeatureExtractor:
             self.extracted.append({"split": split, "kinds": [kind_name(k) for k in group], "n": len(fresh[kind_name(group[0])])})
         return out
 
+    def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet] | None:
+        """One pass over this process's share of ``split``; under torchrun the shares are
+        gathered on rank 0 (which gets the FeatureSets; other ranks get None)."""
+        if self.dist is None:
+            return self._finish(dataset, split, kinds, [self._pass(dataset, split, kinds, 0, 1)])
+        try:
+            share: Any = self._pass(dataset, split, kinds, self.dist.rank, self.dist.world_size)
+        except Exception as exc:  # noqa: BLE001 - sent to rank 0 and re-raised on every rank
+            share = exc
+        shares = self.dist.gather(share if not isinstance(share, Exception) else _RankFailure(str(exc_line(share))))
+        if isinstance(share, Exception):
+            raise share
+        if shares is None:
+            return None
+        failed = [s for s in shares if isinstance(s, _RankFailure)]
+        if failed:
+            raise DatasetError(failed[0].message)
+        return self._finish(dataset, split, kinds, shares)
+
+    def _finish(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind], shares: list) -> dict[str, FeatureSet]:
+        """Merge the shares, restore the dataset's order and check the result."""
+        names = [kind_name(k) for k in kinds]
+        order = torch.cat([s[0] for s in shares])
+        all_keys = [key for s in shares for key in s[1]]
+        if not all_keys:
+            raise DatasetError(f"split {split!r} yielded no samples")
+        rank_of_row = np.lexsort((order[:, 1].numpy(), order[:, 0].numpy()))
+        all_keys = [all_keys[i] for i in rank_of_row]
+        index = torch.from_numpy(rank_of_row)
+        field_tensor = torch.cat([s[2] for s in shares]).long()[index]
+        feats = {k: torch.cat([s[3][k] for s in shares])[index] for k in names}
+        if len(set(all_keys)) != len(all_keys):
+            seen: set[str] = set()
+            dup = next(k for k in all_keys if k in seen or seen.add(k))
+            raise DatasetError(f"split {split!r}: duplicate sample key {dup!r}")
+        dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
+        return {
+            kind: FeatureSet(tuple(all_keys), feats[kind], field_tensor, dataset.schema, kind)
+            for kind in names
+        }
+
     @torch.no_grad()
-    def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet]:
+    def _pass(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind], rank: int, world_size: int):
+        """(order keys, sample keys, fields, {kind: features}) of part ``rank`` of ``split``."""
         image_set = kinds[0] if isinstance(kinds[0], ImageSetKind) else None
         transform = _DerivedImages(image_set, self.transform) if image_set is not None else self.transform
         names = [kind_name(k) for k in kinds]
         loader = torch.utils.data.DataLoader(
-            dataset.samples(split, transform),
+            dataset.ordered_samples(split, transform, rank, world_size),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
         )
         counts = dataset.schema.split_counts.get(split)
         bar = tqdm(
-            total=sum(counts) if counts else None,
+            total=(sum(counts) + world_size - 1 - rank) // world_size if counts else None,
             desc=f"{split}: {'+'.join(names)} features",
             unit="img",
             disable=not self.progress,
@@ -454,9 +553,11 @@ class FeatureExtractor:
         )
         all_keys: list[str] = []
         fields: list[torch.Tensor] = []
+        orders: list[torch.Tensor] = [torch.zeros(0, 2, dtype=torch.int64)]
         feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         with bar:
-            for batch_keys, images, batch_fields in loader:
+            for batch_order, batch_keys, images, batch_fields in loader:
+                orders.append(batch_order)
                 images = images.to(self.device)
                 with autocast(self.device, self.amp):
                     if image_set is not None:  # (B, V, 3, H, W) -> (B, V, D)
@@ -468,17 +569,23 @@ class FeatureExtractor:
                 all_keys.extend(batch_keys)
                 fields.append(batch_fields)
                 bar.update(len(batch_keys))
-        if not all_keys:
-            raise ValueError(f"split {split!r} yielded no samples")
-        if len(set(all_keys)) != len(all_keys):
-            dup = next(k for k in all_keys if all_keys.count(k) > 1)
-            raise ValueError(f"split {split!r}: duplicate sample key {dup!r}")
-        field_tensor = torch.cat(fields).long()
-        dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
-        return {
-            kind: FeatureSet(tuple(all_keys), torch.cat(feats[kind]), field_tensor, dataset.schema, kind)
-            for kind in names
-        }
+        if not all_keys:  # an empty share (more ranks than shards) is fine; an empty split is not
+            n_fields = len(dataset.schema.fields)
+            return orders[0], [], torch.zeros(0, n_fields, dtype=torch.int64), {k: torch.zeros(0) for k in names}
+        return torch.cat(orders), all_keys, torch.cat(fields), {k: torch.cat(v) for k, v in feats.items()}
+
+
+@dataclass(frozen=True)
+class _RankFailure:
+    """What a failed rank sends to rank 0 instead of its share."""
+
+    message: str
+
+
+def exc_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch wraps worker errors in many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

@@ -93,6 +93,61 @@ class RobustDataset(ABC):
     def fingerprint(self, split: str) -> str:
         """A string that changes whenever the data of ``split`` changes (part of cache keys)."""
 
+    def ordered_samples(
+        self, split: str, transform: Callable | None, rank: int = 0, world_size: int = 1
+    ) -> torch.utils.data.Dataset:
+        """Part ``rank`` of ``world_size`` of :meth:`samples`, each item prefixed by its order key.
+
+        Items are ``(order, key, image, fields)`` with ``order`` an int64 tensor of two
+        numbers; sorting all parts' items by ``order`` gives the order of :meth:`samples`.
+        The extractor uses this for every pass, so the sample order never depends on the
+        number of DataLoader workers or torchrun processes.  The default works for any
+        reader: map-style datasets are strided by index; iterable ones are read in full
+        by every worker and thinned (correct but wasteful: readers that can split their
+        input, like grouped shards, override this).
+        """
+        data = self.samples(split, transform)
+        if isinstance(data, torch.utils.data.IterableDataset):
+            return _EveryNth(data, rank, world_size)
+        return _IndexedPart(data, rank, world_size)
+
     def describe(self) -> dict[str, Any]:
         """Provenance recorded in the results JSON."""
         return {"type": type(self).__name__}
+
+
+def order_key(major: int, minor: int) -> torch.Tensor:
+    """The sort key :meth:`RobustDataset.ordered_samples` puts before each sample."""
+    return torch.tensor([major, minor], dtype=torch.int64)
+
+
+class _IndexedPart(torch.utils.data.Dataset):
+    """Every ``world_size``-th item of a map-style dataset, starting at ``rank``."""
+
+    def __init__(self, data: torch.utils.data.Dataset, rank: int, world_size: int):
+        self.data = data
+        self.indices = range(rank, len(data), world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        return (order_key(0, index), *self.data[index])
+
+
+class _EveryNth(torch.utils.data.IterableDataset):
+    """An iterable dataset thinned to this rank's and this DataLoader worker's share."""
+
+    def __init__(self, data: torch.utils.data.IterableDataset, rank: int, world_size: int):
+        self.data = data
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        parts, part = self.world_size * workers, self.rank * workers + worker
+        for index, item in enumerate(self.data):
+            if index % parts == part:
+                yield (order_key(0, index), *item)

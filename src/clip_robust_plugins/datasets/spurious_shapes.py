@@ -230,8 +230,11 @@ def schema_for(config: ShapesConfig) -> GroupSchema:
     return two_field_schema(config.classnames, config.backgrounds)
 
 
-def generate(root: str | os.PathLike, config: ShapesConfig, progress: bool = True) -> GroupSchema:
-    """Write the dataset for ``config`` into ``root`` (grouped WebDataset shards)."""
+def generate(root: str | os.PathLike, config: ShapesConfig, progress: bool = True, shard_size: int = 1000) -> GroupSchema:
+    """Write the dataset for ``config`` into ``root`` (grouped WebDataset shards of ``shard_size`` samples).
+
+    The shard size changes the files, not the samples or their order, so it is not part of ``config``.
+    """
     from tqdm.auto import tqdm
 
     from .wds import write_grouped_dataset
@@ -256,6 +259,7 @@ def generate(root: str | os.PathLike, config: ShapesConfig, progress: bool = Tru
         {split: iter_split(config, split) for split in SPLITS},
         extra_metadata={_GENERATOR_KEY: {"name": NAME, "version": GENERATOR_VERSION, "config": asdict(config)}},
         progress=bar,
+        max_count=shard_size,
     )
 
 

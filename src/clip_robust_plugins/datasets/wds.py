@@ -16,6 +16,7 @@ mask).  ``groups.json`` is written last and marks a complete dataset.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,7 +34,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..groups import GROUPS_FILE, GroupSchema
-from .base import DatasetError, RobustDataset, apply_transform, wants_sample
+from .base import DatasetError, RobustDataset, apply_transform, order_key, wants_sample
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -101,16 +102,58 @@ class GroupedShards(RobustDataset):
 
     def samples(self, split: str, transform: Callable | None) -> torch.utils.data.IterableDataset:
         urls = [str(p) for p in self.shard_paths(split)]
-        decode = _SampleDecoder(self.schema, transform)
+        return self._pipeline(urls).map(_SampleDecoder(self.schema, transform))
+
+    def ordered_samples(
+        self, split: str, transform: Callable | None, rank: int = 0, world_size: int = 1
+    ) -> torch.utils.data.IterableDataset:
+        """Shards ``rank, rank + world_size, ...`` (then split across DataLoader workers),
+        each sample tagged with (shard index, position in shard)."""
+        urls = [str(p) for p in self.shard_paths(split)]
+        mine = urls[rank::world_size]
+        if not mine:  # more ranks than shards: this rank reads nothing
+            return _NoSamples()
+        index_of_url = {url: i for i, url in enumerate(urls)}
+        tag = functools.partial(_tag_order, index_of_url=index_of_url)
+        return self._pipeline(mine).compose(tag).map(_OrderedDecoder(_SampleDecoder(self.schema, transform)))
+
+    def _pipeline(self, urls: list[str]) -> wds.WebDataset:
         return wds.WebDataset(
             urls,
             shardshuffle=False,  # evaluation: deterministic order
-            nodesplitter=_identity_nodesplitter,
+            nodesplitter=_identity_nodesplitter,  # ranks are split explicitly in ordered_samples
+            workersplitter=wds.split_by_worker,  # each DataLoader worker reads distinct shards
             empty_check=False,  # more DataLoader workers than shards must not crash
-        ).map(decode)
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"type": "grouped_shards", "root": str(self.root), "generator": self.metadata.get("generator")}
+
+
+class _NoSamples(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
+def _tag_order(samples, index_of_url: Mapping[str, int]):
+    """Adds ``__order__`` = (shard index, position in the shard) to each raw sample."""
+    positions: dict[str, int] = {}
+    for sample in samples:
+        url = sample["__url__"]
+        position = positions.get(url, 0)
+        positions[url] = position + 1
+        sample["__order__"] = (index_of_url[url], position)
+        yield sample
+
+
+@dataclass
+class _OrderedDecoder:
+    """Decodes a tagged sample into ``(order, key, image, fields)``."""
+
+    decode: Callable
+
+    def __call__(self, sample: Mapping[str, Any]):
+        return (order_key(*sample["__order__"]), *self.decode(sample))
 
 
 @dataclass
