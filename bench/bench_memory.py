@@ -15,7 +15,8 @@ What it shows: evaluation streams images from the shards, so its memory grows wi
 2. runs ``clip_benchmark_robust eval`` (zero-shot, the shipped ``crp-tiny`` model,
    ``--no_feature_cache`` so the extraction really runs) once per size, each in a fresh
    process, in-process DataLoader (``--num_workers 0``: every byte is the measured
-   process's), and records that process's peak resident set size (``ru_maxrss``);
+   process's), and records that process's peak resident set size (``ru_maxrss``), the
+   median over ``--repeats`` fresh processes (start-up and allocator noise is ~100 MiB);
 3. also runs a **baseline** in the same run, at N and 4N: a script that decodes every
    test image into memory, which is what a non-streaming reader would hold;
 4. prints a table and writes ``--output`` (default ``bench/results_memory.json``):
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +63,15 @@ def generate(root: Path, n: int, image_size: int) -> None:
         generate(root, ShapesConfig(train_size=64, val_size=32, test_size=n, image_size=image_size), progress=True)
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
+def peak_rss(cmd: list[str], repeats: int = 1) -> tuple[float, float, str]:
+    """Median peak RSS (MiB) and seconds over ``repeats`` fresh processes (allocator noise is ~100 MiB)."""
+    runs = [_peak_rss_once(cmd) for _ in range(repeats)]
+    mib = statistics.median(r[0] for r in runs)
+    seconds = statistics.median(r[1] for r in runs)
+    return mib, seconds, runs[-1][2]
+
+
+def _peak_rss_once(cmd: list[str]) -> tuple[float, float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     seconds = time.perf_counter() - t0
@@ -76,6 +86,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="test images in the small run (the large one has 4x)")
     parser.add_argument("--image_size", type=int, default=128, help="stored image side in pixels")
     parser.add_argument("--work_dir", default=None, help="where shards go (default: a temporary directory)")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement (median)")
     parser.add_argument("--output", default="bench/results_memory.json")
     args = parser.parse_args()
 
@@ -92,12 +103,12 @@ def main() -> None:
             "--no_amp", "--no_feature_cache", "--num_workers", "0", "--batch_size", "256", "--quiet",
             "--output", str(work / f"results_{n}.json"),
         ]
-        mib, seconds, _ = peak_rss(cmd)
+        mib, seconds, _ = peak_rss(cmd, args.repeats)
         rows[label] = {"n": n, "peak_rss_mib": round(mib, 1), "seconds": round(seconds, 2)}
         print(f"{label:>3} = {n:6d} images: peak RSS {mib:8.1f} MiB ({seconds:.1f} s)", flush=True)
     for label, n in sizes.items():
         root = work / f"shapes_{n}_{args.image_size}"
-        mib, seconds, out = peak_rss([sys.executable, "-c", MATERIALISE, str(root)])
+        mib, seconds, out = peak_rss([sys.executable, "-c", MATERIALISE, str(root)], args.repeats)
         image_bytes = int(next(line for line in out.splitlines() if line.startswith("IMAGES")).split()[2])
         rows[f"baseline_{label}"] = {"n": n, "peak_rss_mib": round(mib, 1), "seconds": round(seconds, 2),
                                      "decoded_image_bytes": image_bytes}
