@@ -469,7 +469,7 @@ def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, sh
     fit_rows = list(csv.DictReader(open(tmp_path / "fit_predictions.csv")))
     model_rows = list(csv.DictReader(open(tmp_path / "as_model_predictions.csv")))
     assert [(r["key"], r["pred_cfr"]) for r in fit_rows] == [(r["key"], r["pred_zeroshot"]) for r in model_rows]
-    # ... and through clip_benchmark's own zero-shot code (a root without groups.json)
+    # ... and on shards without groups.json (clip_benchmark's layout: class-level metrics, same acc1)
     plain_root = tmp_path / "plain"
     shutil.copytree(shapes_root, plain_root)
     (plain_root / "groups.json").unlink()
@@ -478,7 +478,7 @@ def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, sh
                          "--num_workers", "0", "--no_amp", "--output", tmp_path / "plain.json")
     assert rc == 0, err
     plain = json.loads((tmp_path / "plain.json").read_text())
-    assert sorted(plain["metrics"]) == ["acc1", "acc5", "mean_per_class_recall"]  # clip_benchmark's own dump
+    assert "no group metadata" in plain["robust"]["note"] and "zeroshot/worst_class_acc" in plain["metrics"]
     assert plain["metrics"]["acc1"] == first["metrics"]["cfr/acc1"]
 
     # a state of another base model is refused with one line

@@ -156,18 +156,31 @@ def test_plain_clip_benchmark_command_line_gives_the_same_acc1(run_cli, shapes_r
         assert "zeroshot/worst_group_acc" in rows[0]
 
 
-def test_wds_without_groups_runs_clip_benchmark_itself(run_cli, shapes_root, tmp_path):
+def test_wds_without_groups_evaluates_at_class_level(run_cli, shapes_root, tmp_path):
+    """clip_benchmark-layout shards without groups.json: our engine, groups = classes, a note."""
     plain_root = tmp_path / "plain"
     shutil.copytree(shapes_root, plain_root)
     os.remove(plain_root / "groups.json")
-    out = tmp_path / "res.json"
+    out, grouped = tmp_path / "res.json", tmp_path / "grouped.json"
+    rc, _, err = run_cli(
+        "eval", "--dataset", "wds/plain", "--dataset_root", plain_root, *TINY, "--output", out, "--no_amp",
+        "--mitigation", "erm_head", "--no_feature_cache",
+    )
+    assert rc == 0 and "no group metadata" in err
+    dump = read_json(out)
+    assert "no group metadata" in dump["robust"]["note"]
+    metrics = dump["metrics"]
+    assert dump["robust"]["groups"] == ["y:square", "y:diamond"]
+    assert metrics["erm_head/worst_group_acc"] == metrics["erm_head/worst_class_acc"]
     rc, _, _ = run_cli(
-        "eval", "--dataset", "wds/plain", "--dataset_root", plain_root, *TINY, "--output", out, "--no_amp"
+        "eval", "--dataset", "wds/plain", "--dataset_root", shapes_root, *TINY, "--output", grouped, "--no_amp",
+        "--no_feature_cache",
     )
     assert rc == 0
-    assert sorted(read_json(out)["metrics"]) == ["acc1", "acc5", "mean_per_class_recall"]
+    assert read_json(grouped)["metrics"]["acc1"] == metrics["acc1"]  # same shards, same predictions
     rc, _, err = run_cli(
-        "eval", "--dataset", "wds/plain", "--dataset_root", plain_root, *TINY, "--output", out, "--mitigation", "erm_head"
+        "eval", "--dataset", "cifar10", "--dataset_root", tmp_path / "none", *TINY, "--output", out,
+        "--mitigation", "erm_head",
     )
     assert rc == 2 and "needs a group dataset" in err
 

@@ -3,8 +3,12 @@
 - ``eval``: every ``clip_benchmark eval`` flag (it is clip_benchmark's own parser), plus
   ``--mitigation``, ``--plugin``, ``--save_predictions``, ``--plot``, ``--feature_cache``
   and the flags plugins add.  Group datasets (``robust/<name>``, or ``wds/<name>`` whose
-  root holds ``groups.json``) run through our engine; anything else runs through
-  clip_benchmark's own code, unchanged except for its numpy>=2.4 accuracy crash.
+  root holds ``groups.json``) run through our engine, and so do zero-shot runs on
+  clip_benchmark's own local ``wds/`` shards (class-level metrics, noted as having no
+  groups); anything else runs through clip_benchmark's own code, unchanged except for
+  its numpy>=2.4 accuracy crash.
+- ``export_wds``: a registered dataset to grouped shards (:mod:`clip_robust_plugins.export`).
+- ``discover``: RaVL's region-level discovery of learned spurious correlations (:mod:`clip_robust_plugins.mitigations.ravl`).
 - ``build``: clip_benchmark's, unchanged.
 - ``plugins``: JSON listing every plugin, its version, its hooks and what it registered.
 - ``demo``: the offline end-to-end run on ``robust/spurious_shapes`` with the shipped
@@ -22,10 +26,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import engine
+from . import engine, export
 from .compat import clip_benchmark_patched
 from .datasets.base import DatasetError
+from .errors import one_line
 from .groups import GroupSchemaError
+from .mitigations import ravl
 from .plugins import (
     PluginError,
     Registry,
@@ -88,6 +94,20 @@ def add_robust_eval_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--no_feature_cache", action="store_true", help="do not read or write cached features")
     group.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
+    group.add_argument(
+        "--shard_pattern", default=None, metavar="PATTERN",
+        help="wds/ datasets: each split's shards as a brace pattern with {split}, relative to --dataset_root or "
+        "absolute, e.g. '{split}/shard-{000..011}.tar' (instead of {split}/nshards.txt)",
+    )
+    group.add_argument(
+        "--allow_pipe_urls", action="store_true",
+        help="allow webdataset pipe: URLs in --shard_pattern; their text runs as a shell command (only for commands you trust)",
+    )
+    group.add_argument(
+        "--skip_bad_samples", action="store_true",
+        help="skip samples whose image does not decode (recorded in the results JSON under robust.skipped_samples) "
+        "instead of failing; every other bad input stays an error",
+    )
 
 
 def build_parser(pm, registry: Registry) -> argparse.ArgumentParser:
@@ -113,6 +133,8 @@ def build_parser(pm, registry: Registry) -> argparse.ArgumentParser:
     )
     demo_parser.add_argument("--output_dir", default="crp_demo", help="where data, features and results go (default ./crp_demo)")
     demo_parser.set_defaults(which="demo")
+    export.add_parser(sub, pm)
+    ravl.add_discover_parser(sub, pm)
     return parser
 
 
@@ -162,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if os.environ.get(ENV_DEBUG, "") not in ("", "0"):
             traceback.print_exc()
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -175,7 +196,9 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
     def dispatch(run_args: argparse.Namespace):
         run_args.device = _device()
         root = engine.resolve_root(run_args)
-        if engine.is_group_dataset(run_args.dataset, root):
+        zeroshot = run_args.task in ("auto", "zeroshot_classification")
+        # clip_benchmark's own classification shards: our engine, class-level metrics (other tasks: its run)
+        if engine.is_group_dataset(run_args.dataset, root) or (zeroshot and engine.is_class_only_wds(run_args.dataset, root)):
             if run_args.task not in ("auto", "zeroshot_classification"):
                 raise engine.EvalError(
                     f"{run_args.dataset}: task {run_args.task!r} is not available on group datasets here; "
@@ -188,6 +211,11 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
                 f"--mitigation needs a group dataset (robust/<name>, or wds/<name> whose root has groups.json); "
                 f"{run_args.dataset} at {root!r} has none"
             )
+        ours = [flag for flag, on in (("--shard_pattern", run_args.shard_pattern is not None),
+                                      ("--allow_pipe_urls", run_args.allow_pipe_urls),
+                                      ("--skip_bad_samples", run_args.skip_bad_samples)) if on]
+        if ours:
+            raise engine.EvalError(f"{ours[0]} applies to datasets our engine reads; {run_args.dataset} runs through clip_benchmark")
         return holder["run"](run_args)
 
     loaders = {name: spec.load for name, spec in registry.model_loaders.items()}
@@ -207,6 +235,12 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
             return 0
         if which == "plugins":
             print(json.dumps(plugins_json(pm, registry), indent=1))
+            return 0
+        if which == "export_wds":
+            return export.run_export(args, pm, registry)
+        if which == "discover":
+            args.device = _device()
+            ravl.run_discover(args, registry)
             return 0
         if which == "build":
             cb_cli.main_build(args)

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 
 from . import distributed, states
+from .datasets.bad_samples import skipped_summary
 from .datasets.base import DatasetError, RobustDataset
+from .datasets.plain_wds import ClassOnlyShards, is_class_only_root
+from .datasets.sources import is_remote_root
 from .datasets.wds import GroupedShards, has_groups
 from .features import FeatureCache, FeatureExtractor, default_cache_dir
 from .mitigations.base import RunContext
@@ -61,10 +64,17 @@ class EvalResult:
 
 
 def is_group_dataset(dataset: str, root: str) -> bool:
-    """True for ``robust/<name>``, and for ``wds/<name>`` whose local root has groups.json."""
+    """True for ``robust/<name>``, for ``wds/<name>`` whose local root has groups.json, and for
+    every ``wds/`` root that is a URL or ``pipe:``: those never go to clip_benchmark, whose
+    reader runs ``curl`` on them through a shell (our reader fetches groups.json, once)."""
     if dataset.startswith(ROBUST_PREFIX):
         return True
-    return dataset.startswith(WDS_PREFIX) and has_groups(root)
+    return dataset.startswith(WDS_PREFIX) and (is_remote_root(root) or has_groups(root))
+
+
+def is_class_only_wds(dataset: str, root: str) -> bool:
+    """``wds/<name>`` whose local root is clip_benchmark's own classification shards (no groups.json)."""
+    return dataset.startswith(WDS_PREFIX) and is_class_only_root(root)
 
 
 def resolve_root(args: argparse.Namespace) -> str:
@@ -77,8 +87,12 @@ def load_dataset(args: argparse.Namespace, registry: Registry) -> RobustDataset:
     root = resolve_root(args)
     if args.dataset.startswith(ROBUST_PREFIX):
         spec = registry.dataset(args.dataset[len(ROBUST_PREFIX):])
+        if args.shard_pattern is not None:
+            raise EvalError(f"--shard_pattern applies to wds/<name> datasets, not to {args.dataset}")
         return spec.load(DatasetRequest(root=root, options=args))
-    return GroupedShards(root)
+    if is_remote_root(root) or args.shard_pattern is not None or has_groups(root):
+        return GroupedShards(root, shard_pattern=args.shard_pattern, allow_pipe_urls=args.allow_pipe_urls)
+    return ClassOnlyShards(root)
 
 
 def _custom_names(path: str | None, dataset: str) -> Any:
@@ -112,6 +126,14 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
     if unused:
         raise EvalError(f"{saved[unused[0]].path}: state for {unused[0]!r}, which is not among --mitigation {methods[1:]}")
     dataset = load_dataset(args, registry)
+    note = None
+    if not getattr(dataset, "has_group_labels", True):
+        needy = [spec.name for spec in specs if "group" in spec.needs.labels and spec.name not in saved]
+        if needy:
+            raise EvalError(f"{needy[0]} needs group labels, but {args.dataset} has no group metadata (no groups.json)")
+        note = f"{args.dataset}: no group metadata (no groups.json); groups are the classes, metrics are class-level"
+        print(f"note: {note}", file=sys.stderr)
+
     eval_split = args.split
     splits = dataset.splits()
     if eval_split not in splits:
@@ -125,6 +147,8 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
     templates = _custom_names(args.custom_template_file, args.dataset) or dataset.templates
     if len(classnames) != len(dataset.schema.classnames):
         raise EvalError(f"{len(classnames)} class names given for {len(dataset.schema.classnames)} classes")
+    if not templates:
+        raise EvalError(f"{args.dataset}: no prompt templates (zeroshot_classification_templates.txt or --custom_template_file)")
 
     dist = distributed.from_env(args.device)  # torchrun: this rank extracts its share
     if dist is not None:
@@ -147,6 +171,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         num_workers=args.num_workers,
         cache=FeatureCache(cache_dir),
         progress=args.verbose,
+        skip_bad_samples=args.skip_bad_samples,
     )
     ctx = RunContext(
         dataset=dataset,
@@ -244,10 +269,16 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
             "methods": {r.name: r.info for r in results},
             "groups": schema.group_names(),
             "dataset_source": dataset.describe(),
+            **({"note": note} if note else {}),
             "feature_cache_dir": str(cache_dir) if cache_dir is not None else None,
             "feature_cache": ctx.cache_paths(),
             "processes": dist.world_size if dist is not None else 1,
             "features_extracted": extractor.extracted,
+            **(
+                {"skipped_samples": {k: skipped_summary(v) for k, v in extractor.skipped_samples.items()}}
+                if args.skip_bad_samples
+                else {}
+            ),
         },
     }
     if args.dump_classnames:

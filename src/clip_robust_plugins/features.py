@@ -26,6 +26,7 @@ checksum or contents do not check out is reported and rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,8 +45,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .datasets.bad_samples import SKIP_FLAG, SkippedSample, check_declared_counts, collate_samples, dataset_location
 from .datasets.base import DatasetError, RobustDataset, SampleImage
 from .distributed import DistContext
+from .errors import one_line
 from .groups import DEFAULT_GROUPING, GroupSchema
 
 CACHE_FORMAT = "clip_robust_plugins.features/2"
@@ -168,7 +171,7 @@ class FeatureCache:
         tensors = {
             "features": fs.features.contiguous().float(),
             "fields": fields,
-            "labels": fields[:, fs.schema.class_index].contiguous(),
+            "labels": fields[:, fs.schema.class_index].clone(),  # a copy: with one field it would share fields' storage
             "group_ids": torch.from_numpy(fs.schema.group_ids(fields.numpy())).long(),
             "keys_utf8": torch.frombuffer(bytearray(keys_blob), dtype=torch.uint8) if keys_blob else torch.zeros(0, dtype=torch.uint8),
         }
@@ -422,6 +425,7 @@ class FeatureExtractor:
         num_workers: int = 0,
         cache: FeatureCache | None = None,
         progress: bool = True,
+        skip_bad_samples: bool = False,
     ):
         self.model = model
         self.transform = transform
@@ -437,6 +441,10 @@ class FeatureExtractor:
         self.extracted: list[dict[str, Any]] = []  # what ran (for the report and the benchmarks)
         #: the torchrun job this extractor shares passes with (None: this process alone)
         self.dist: DistContext | None = None
+        #: drop samples whose image does not decode (``--skip_bad_samples``) instead of failing
+        self.skip_bad_samples = skip_bad_samples
+        #: split -> the samples dropped from it (those splits' features are never cached)
+        self.skipped_samples: dict[str, list[SkippedSample]] = {}
 
     def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: FeatureKind) -> CacheKey:
         transform = _DerivedImages(kind, self.transform) if isinstance(kind, ImageSetKind) else self.transform
@@ -485,7 +493,9 @@ class FeatureExtractor:
                 continue
             for kind in group:
                 fs = fresh[kind_name(kind)]
-                path = self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
+                # a split with skipped samples is not cached: a cache entry always holds the whole split
+                skipped = bool(self.skipped_samples.get(split))
+                path = None if skipped else self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
                 out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
             self.extracted.append({"split": split, "kinds": [kind_name(k) for k in group], "n": len(fresh[kind_name(group[0])])})
         return out
@@ -514,8 +524,9 @@ class FeatureExtractor:
         names = [kind_name(k) for k in kinds]
         order = torch.cat([s[0] for s in shares])
         all_keys = [key for s in shares for key in s[1]]
+        skipped = sorted((b for s in shares for b in s[4]), key=lambda b: tuple(b.order.tolist()) if b.order is not None else ())
         if not all_keys:
-            raise DatasetError(f"split {split!r} yielded no samples")
+            raise DatasetError(f"{dataset_location(dataset)}: split {split!r} yielded no samples")
         rank_of_row = np.lexsort((order[:, 1].numpy(), order[:, 0].numpy()))
         all_keys = [all_keys[i] for i in rank_of_row]
         index = torch.from_numpy(rank_of_row)
@@ -524,8 +535,17 @@ class FeatureExtractor:
         if len(set(all_keys)) != len(all_keys):
             seen: set[str] = set()
             dup = next(k for k in all_keys if k in seen or seen.add(k))
-            raise DatasetError(f"split {split!r}: duplicate sample key {dup!r}")
+            raise DatasetError(f"{dataset_location(dataset)}: split {split!r}: duplicate sample key {dup!r}")
         dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
+        check_declared_counts(dataset, split, field_tensor.numpy(), skipped)
+        if skipped and split not in self.skipped_samples:
+            print(
+                f"clip_robust_plugins: warning: {SKIP_FLAG}: skipped {len(skipped)} undecodable sample(s) of split "
+                f"{split!r}, recorded in the results; first: {skipped[0].reason}",
+                file=sys.stderr,
+            )
+        if skipped:
+            self.skipped_samples[split] = skipped
         return {
             kind: FeatureSet(tuple(all_keys), feats[kind], field_tensor, dataset.schema, kind)
             for kind in names
@@ -533,7 +553,7 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def _pass(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind], rank: int, world_size: int):
-        """(order keys, sample keys, fields, {kind: features}) of part ``rank`` of ``split``."""
+        """(order keys, sample keys, fields, {kind: features}, skipped samples) of part ``rank`` of ``split``."""
         image_set = kinds[0] if isinstance(kinds[0], ImageSetKind) else None
         transform = _DerivedImages(image_set, self.transform) if image_set is not None else self.transform
         names = [kind_name(k) for k in kinds]
@@ -542,6 +562,7 @@ class FeatureExtractor:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
+            collate_fn=collate_samples,  # sets undecodable samples (SkippedSample) aside
         )
         counts = dataset.schema.split_counts.get(split)
         bar = tqdm(
@@ -555,8 +576,16 @@ class FeatureExtractor:
         fields: list[torch.Tensor] = []
         orders: list[torch.Tensor] = [torch.zeros(0, 2, dtype=torch.int64)]
         feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-        with bar:
-            for batch_order, batch_keys, images, batch_fields in loader:
+        skipped: list[SkippedSample] = []
+        with bar, _stopping_workers(loader) as batches:
+            for batch, bad in batches:
+                if bad and not self.skip_bad_samples:
+                    raise DatasetError(f"{bad[0].reason} (pass {SKIP_FLAG} to skip undecodable images)")
+                skipped.extend(bad)
+                bar.update(len(bad))
+                if batch is None:
+                    continue
+                batch_order, batch_keys, images, batch_fields = batch
                 orders.append(batch_order)
                 images = images.to(self.device)
                 with autocast(self.device, self.amp):
@@ -571,8 +600,24 @@ class FeatureExtractor:
                 bar.update(len(batch_keys))
         if not all_keys:  # an empty share (more ranks than shards) is fine; an empty split is not
             n_fields = len(dataset.schema.fields)
-            return orders[0], [], torch.zeros(0, n_fields, dtype=torch.int64), {k: torch.zeros(0) for k in names}
-        return torch.cat(orders), all_keys, torch.cat(fields), {k: torch.cat(v) for k, v in feats.items()}
+            return orders[0], [], torch.zeros(0, n_fields, dtype=torch.int64), {k: torch.zeros(0) for k in names}, skipped
+        return torch.cat(orders), all_keys, torch.cat(fields), {k: torch.cat(v) for k, v in feats.items()}, skipped
+
+
+@contextlib.contextmanager
+def _stopping_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` whose worker processes stop as soon as the pass ends, also on an error.
+
+    Otherwise a worker's re-raised exception keeps the iterator in a reference cycle until
+    the garbage collector runs, whose shutdown then waits out a 5 s join timeout per pass.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own, idempotent; absent without workers
+        if shutdown is not None:
+            shutdown()
 
 
 @dataclass(frozen=True)
@@ -583,9 +628,8 @@ class _RankFailure:
 
 
 def exc_line(exc: BaseException) -> str:
-    """The first line of an exception's message (torch wraps worker errors in many lines)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of an exception's message (torch wraps worker errors in many lines: unwrapped)."""
+    return one_line(exc)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

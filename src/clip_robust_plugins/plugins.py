@@ -42,10 +42,17 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.models",
     "clip_robust_plugins.metrics",
     "clip_robust_plugins.datasets.spurious_shapes",
+    "clip_robust_plugins.datasets.spurious_quadrants",
+    "clip_robust_plugins.datasets.waterbirds",
+    "clip_robust_plugins.datasets.celeba",
+    "clip_robust_plugins.datasets.subpop",
+    "clip_robust_plugins.datasets.imagefolder",
     "clip_robust_plugins.mitigations.zeroshot",
     "clip_robust_plugins.mitigations.erm_head",
     "clip_robust_plugins.mitigations.dfr",
     "clip_robust_plugins.mitigations.cfr",
+    "clip_robust_plugins.mitigations.ravl",
+    "clip_robust_plugins.mitigations.seraser",
 )
 
 

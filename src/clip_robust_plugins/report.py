@@ -8,11 +8,12 @@ half-written.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .engine import EvalResult
@@ -130,6 +131,12 @@ def write_outputs(
         targets.append((plot_path(results_path), _write_plot))
     if save_states:
         targets += [(state_path(results_path, m.name), _state_writer(m)) for m in result.methods if m.state]
+    return write_files([(target, functools.partial(writer, result)) for target, writer in targets])
+
+
+def write_files(targets: Sequence[tuple[str, Callable[[str], None]]]) -> list[str]:
+    """Write several files all-or-nothing: each ``writer(tmp_path)`` fills a staged temporary file
+    beside its target, and only when every writer succeeded are they renamed into place."""
     staged: list[tuple[str, str]] = []
     try:
         for target, writer in targets:
@@ -138,7 +145,7 @@ def write_outputs(
             fd, tmp = tempfile.mkstemp(prefix=".", suffix=".partial", dir=directory)
             os.close(fd)
             staged.append((tmp, target))
-            writer(result, tmp)
+            writer(tmp)
         umask = os.umask(0)
         os.umask(umask)
         for tmp, target in staged:

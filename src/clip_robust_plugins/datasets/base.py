@@ -76,6 +76,9 @@ class RobustDataset(ABC):
     templates: list[str]
     #: class names used to build the zero-shot head (defaults to the class field's values)
     classnames: list[str]
+    #: False for data without group annotation (clip_benchmark's own shards): groups are
+    #: then the classes, and mitigations that need group labels refuse to run
+    has_group_labels: bool = True
 
     @abstractmethod
     def splits(self) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ from ..groups import GROUPS_FILE, GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import DatasetRequest, DatasetSpec
 from .base import DatasetError, RobustDataset
+from .sources import is_remote_root
 from .wds import CLASSNAMES_FILE, TEMPLATES_FILE, GroupedShards
 
 NAME = "spurious_shapes"
@@ -282,6 +283,11 @@ def _check_generatable(root: Path) -> None:
 def load_spurious_shapes(request: DatasetRequest) -> RobustDataset:
     """Open (generating on first use) the shards for the requested config at ``request.root``."""
     config = config_from_options(request.options)
+    if is_remote_root(str(request.root)):  # generating needs a directory; a served copy is read as wds/
+        raise DatasetError(
+            f"{request.root}: robust/{NAME} generates its data into a local directory; to read a served copy, "
+            f"use --dataset wds/{NAME} with this URL"
+        )
     root = Path(request.root)
     groups_path = root / GROUPS_FILE
     if not groups_path.is_file():

@@ -1,0 +1,27 @@
+"""One-line error messages, also for errors raised inside DataLoader worker processes.
+
+torch re-raises a worker's exception in the main process as the same type with the
+message ``"Caught DatasetError in DataLoader worker process 0.\\nOriginal Traceback
+(most recent call last): ... <module>.DatasetError: <message>"``.  Its first line says
+nothing about the input, so :func:`one_line` recovers the original message (the last
+line of that traceback) and the CLI can still print one line naming the file and key.
+"""
+
+from __future__ import annotations
+
+import re
+
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.$")
+_QUALIFIED = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or the original one when torch wrapped a worker error."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if _WORKER.match(lines[0]) and len(lines) > 1 and "Traceback" in lines[1]:
+        last = next((line for line in reversed(lines) if line.strip()), lines[0])
+        return _QUALIFIED.sub("", last, count=1) or lines[0]
+    return lines[0]

@@ -1,0 +1,347 @@
+"""``clip_benchmark_robust export_wds``: any registered dataset -> grouped WebDataset shards.
+
+The output is the layout of :mod:`clip_robust_plugins.datasets.wds` (a superset of
+clip_benchmark's ``wds/``), so both ``clip_benchmark eval --dataset wds/NAME`` and our
+``eval`` read it, and ``groups.json`` carries the fields, value names and per-split
+group counts (the train counts too when only val/test are exported), plus the source
+dataset's name, plugin and options under ``source``.
+
+Determinism: samples are written in the dataset's own order, which does not depend on
+the number of workers, and tar members carry a fixed mtime, so the shards are
+byte-identical across runs and ``--num_workers``.  Parallelism:
+
+- map-style datasets (all file readers): DataLoader workers read and encode samples;
+  the loader hands batches back in index order;
+- iterable datasets (grouped shards): read in this process, encoded by a process pool
+  whose ``imap`` keeps the input order.
+
+Images of file readers are copied as they are when they are JPEG, PNG or WebP (no
+re-encoding: the exported pixels are the original's), after a full decode that proves
+them readable; other formats and decoded samples are written as PNG.  A bad sample
+stops the export with a one-line error naming it, and nothing is moved into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .datasets.base import DatasetError, RobustDataset, SampleImage
+from .datasets.files import FileDataset, FileRow
+from .datasets.wds import EncodedImage, write_grouped_dataset
+from .groups import GROUPS_FILE, GroupSchema, GroupSchemaError
+from .plugins import Registry, per_plugin_callers
+from .records import DatasetRequest
+
+ROBUST_PREFIX = "robust/"
+#: PIL formats copied byte for byte, and the shard entry they go under
+COPYABLE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+#: samples per DataLoader batch (amortises inter-process transfer; order is unaffected)
+BATCH = 16
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------- encoded samples
+@dataclass(frozen=True)
+class Encoded:
+    """One sample ready for the shard writer."""
+
+    key: str
+    image: EncodedImage
+    values: tuple[int, ...]
+    extra: Mapping[str, Any]
+    mask: EncodedImage | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A bad sample found in a worker, carried back as a value (a worker's exception
+    would reach us as DataLoader's multi-line wrapper, losing the one-line message)."""
+
+    message: str
+
+
+def _png(image: Image.Image) -> EncodedImage:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return EncodedImage("png", buf.getvalue())
+
+
+def _jsonable(extra: Mapping[str, Any], key: str) -> dict[str, Any]:
+    def convert(value):
+        if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+            return value.tolist()
+        raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+    try:
+        return json.loads(json.dumps(dict(extra), default=convert))
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"sample {key!r}: metadata extras cannot be written as JSON ({exc})") from None
+
+
+def encode_file_row(row: FileRow) -> Encoded | Failed:
+    """A file reader's row: the original bytes when they decode and are JPEG/PNG/WebP, else PNG."""
+    try:
+        with open(row.path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return Failed(f"{row.path}: image file not readable (sample {row.key!r}, {row.where}): {exc.strerror or exc}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            ext = COPYABLE.get(image.format or "")
+            encoded = EncodedImage(ext, data) if ext else _png(image.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; reported naming the file
+        return Failed(f"{row.path}: unreadable image (sample {row.key!r}): {type(exc).__name__}: {exc}")
+    return Encoded(row.key, encoded, tuple(row.values), dict(row.extra))
+
+
+class _FileRows(torch.utils.data.Dataset):
+    def __init__(self, rows: Sequence[FileRow]):
+        self.rows = tuple(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Encoded | Failed:
+        return encode_file_row(self.rows[index])
+
+
+class CaptureSample:
+    """A sample transform that hands back the whole decoded sample (image, metadata, mask)."""
+
+    wants_sample = True
+
+    def __call__(self, sample: SampleImage) -> SampleImage:
+        return sample
+
+
+def encode_sample(item: tuple[str, SampleImage, torch.Tensor], field_names: Sequence[str]) -> Encoded:
+    """A decoded sample of any reader, as PNG image (and PNG mask) plus its non-field metadata."""
+    key, sample, fields = item
+    if isinstance(sample, Image.Image):  # a reader that calls the transform directly, not via apply_transform
+        sample = SampleImage(key, sample.convert("RGB"))
+    extra = _jsonable({k: v for k, v in sample.meta.items() if k not in field_names}, key)
+    mask = _png(sample.mask) if sample.mask is not None else None
+    return Encoded(key, _png(sample.image), tuple(int(v) for v in fields.tolist()), extra, mask)
+
+
+class _EncodedSamples(torch.utils.data.Dataset):
+    """A map-style dataset's samples, encoded in the worker; bad samples become :class:`Failed`."""
+
+    def __init__(self, data: torch.utils.data.Dataset, field_names: Sequence[str]):
+        self.data = data
+        self.field_names = tuple(field_names)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Encoded | Failed:
+        try:
+            return encode_sample(self.data[index], self.field_names)
+        except (DatasetError, GroupSchemaError) as exc:
+            return Failed(str(exc))
+
+
+def _as_list(batch):
+    return list(batch)
+
+
+def _encode_for_pool(args: tuple[tuple[str, SampleImage, torch.Tensor], tuple[str, ...]]) -> Encoded | Failed:
+    item, field_names = args
+    try:
+        return encode_sample(item, field_names)
+    except (DatasetError, GroupSchemaError) as exc:
+        return Failed(str(exc))
+
+
+def encoded_samples(dataset: RobustDataset, split: str, workers: int) -> Iterator[Encoded | Failed]:
+    """Every sample of ``split`` encoded, in the dataset's order, with ``workers`` processes."""
+    field_names = dataset.schema.field_names
+    if isinstance(dataset, FileDataset):
+        mapped: torch.utils.data.Dataset | None = _FileRows(dataset.rows(split))
+    else:
+        data = dataset.samples(split, CaptureSample())
+        mapped = None if isinstance(data, torch.utils.data.IterableDataset) else _EncodedSamples(data, field_names)
+    if mapped is not None:
+        loader = torch.utils.data.DataLoader(
+            mapped, batch_size=BATCH, shuffle=False, num_workers=workers if workers > 1 else 0, collate_fn=_as_list
+        )
+        for batch in loader:
+            yield from batch
+        return
+    items = ((item, field_names) for item in data)
+    if workers <= 1:
+        yield from map(_encode_for_pool, items)
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield from pool.imap(_encode_for_pool, items, chunksize=BATCH)
+
+
+# ------------------------------------------------------------------------ export
+def check_output_dir(output_dir: Path, source_root: Path) -> None:
+    """Refuse to write where existing files could be replaced: only a new or empty
+    directory, or one holding an earlier export (its split folders are ours to replace)."""
+    out, src = output_dir.resolve(), source_root.resolve()
+    if out == src or out in src.parents:
+        raise DatasetError(f"{output_dir}: --output_dir must not be the dataset root or a folder above it")
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise DatasetError(f"{output_dir}: --output_dir is not a directory")
+    entries = [p.name for p in output_dir.iterdir() if not p.name.startswith(".staging-")]
+    if not entries:
+        return
+    groups = output_dir / GROUPS_FILE
+    try:
+        ours = groups.is_file() and "exporter" in json.loads(groups.read_text())
+    except (json.JSONDecodeError, TypeError):
+        ours = False
+    if not ours:
+        raise DatasetError(
+            f"{output_dir}: not empty and not an earlier export ({', '.join(sorted(entries)[:3])}); "
+            "choose a new or empty --output_dir"
+        )
+
+
+def export_wds(
+    dataset: RobustDataset,
+    output_dir: str | os.PathLike,
+    *,
+    splits: Sequence[str] | None = None,
+    shard_size: int = 1000,
+    num_workers: int | None = None,
+    source: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> GroupSchema:
+    """Write ``dataset``'s ``splits`` (default: all) as grouped shards into ``output_dir``.
+
+    Returns the written schema.  The counts written must equal the counts the dataset
+    declares (when it declares them): a mismatch is an error before anything is moved.
+    """
+    from tqdm.auto import tqdm
+
+    available = dataset.splits()
+    splits = list(dict.fromkeys(splits or available))
+    unknown = [s for s in splits if s not in available]
+    if unknown:
+        raise DatasetError(f"no split {unknown[0]!r} to export (splits: {list(available)})")
+    if shard_size < 1:
+        raise DatasetError(f"--shard_size must be at least 1, got {shard_size}")
+    workers = default_workers() if num_workers is None else max(0, num_workers)
+    schema = dataset.schema
+
+    def items(split: str):
+        declared = schema.split_counts.get(split)
+        bar = tqdm(
+            total=sum(declared) if declared else None, desc=f"export {split}", unit="img", file=sys.stderr,
+            disable=not progress,
+        )
+        values = []
+        with bar:
+            for sample in encoded_samples(dataset, split, workers):
+                if isinstance(sample, Failed):
+                    raise DatasetError(sample.message)
+                values.append(sample.values)
+                bar.update(1)
+                yield sample.key, sample.image, dict(zip(schema.field_names, sample.values)), sample.extra, sample.mask
+        if declared is not None and values:
+            written = schema.full_counts(np.asarray(values, dtype=np.int64))
+            if tuple(written) != tuple(declared):
+                raise DatasetError(f"split {split!r}: read group counts {list(written)}, the dataset declares {list(declared)}")
+
+    metadata = {
+        "exporter": {"name": "clip_benchmark_robust export_wds", "version": __version__},
+        "source": dict(source or {}),
+    }
+    return write_grouped_dataset(
+        output_dir,
+        schema,
+        dataset.templates,
+        {split: items(split) for split in splits},
+        extra_metadata=metadata,
+        max_count=shard_size,
+        classnames=dataset.classnames,
+        known_counts={k: v for k, v in schema.split_counts.items() if k not in splits},
+    )
+
+
+# ---------------------------------------------------------------------- command
+def add_parser(sub: argparse._SubParsersAction, pm) -> argparse.ArgumentParser:
+    """The ``export_wds`` subcommand, with every plugin's flags (a dataset reads its own)."""
+    parser = sub.add_parser(
+        "export_wds",
+        help="write a registered dataset as grouped WebDataset shards (readable by clip_benchmark's wds/)",
+        description="Export robust/NAME to DIR/{split}/N.tar + classnames.txt, templates and groups.json; "
+        "then `clip_benchmark eval --dataset wds/NAME --dataset_root DIR` reads it.",
+    )
+    parser.add_argument("--dataset", required=True, help="robust/NAME (see `clip_benchmark_robust plugins`)")
+    parser.add_argument("--dataset_root", required=True, help="where the source dataset is")
+    parser.add_argument("--output_dir", required=True, help="new or empty folder (or an earlier export) for the shards")
+    parser.add_argument("--splits", nargs="+", default=None, metavar="SPLIT", help="splits to export (default: all)")
+    parser.add_argument("--shard_size", type=int, default=1000, help="samples per tar shard (default: %(default)s)")
+    parser.add_argument(
+        "--num_workers", type=int, default=None,
+        help="processes that read and encode images (default: all cores; 0: this process only)",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load MODULE as a plugin")
+    parser.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
+    parser.set_defaults(which="export_wds")
+    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
+        caller(parser=parser.add_argument_group(f"plugin {plugin_name}"))
+    return parser
+
+
+def plugin_option_names(pm, plugin: str) -> list[str]:
+    """The option names (``dest``) of the flags ``plugin`` adds, by calling its hook on a scratch parser."""
+    names: list[str] = []
+    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
+        if plugin_name == plugin:
+            scratch = argparse.ArgumentParser(add_help=False)
+            caller(parser=scratch.add_argument_group(plugin_name))
+            names += [action.dest for action in scratch._actions]
+    return names
+
+
+def run_export(args: argparse.Namespace, pm, registry: Registry) -> int:
+    """Load ``args.dataset`` through its plugin and export it (the ``export_wds`` command)."""
+    name = args.dataset[len(ROBUST_PREFIX):] if args.dataset.startswith(ROBUST_PREFIX) else args.dataset
+    spec = registry.dataset(name)
+    owner = registry.owner("datasets", name)
+    options = {dest: getattr(args, dest, None) for dest in plugin_option_names(pm, owner)}
+    check_output_dir(Path(args.output_dir), Path(args.dataset_root))
+    dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args))
+    source = {"dataset": f"{ROBUST_PREFIX}{name}", "plugin": owner, "options": _plain(options)}
+    final = export_wds(
+        dataset, args.output_dir, splits=args.splits, shard_size=args.shard_size, num_workers=args.num_workers,
+        source=source, progress=not args.no_progress,
+    )
+    written = args.splits or list(dataset.splits())
+    summary = ", ".join(f"{split} {sum(final.split_counts[split])}" for split in written)
+    print(f"export_wds: wrote {summary} samples to {args.output_dir} (read it with --dataset wds/{name})", file=sys.stderr)
+    return 0
+
+
+def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(options), default=str))
