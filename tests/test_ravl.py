@@ -494,3 +494,56 @@ def test_as_open_clip_has_the_fitted_image_tower_and_the_original_text_tower():
     assert torch.equal(adapted.visual.state_dict()["proj"], state["proj"])
     with pytest.raises(ravl.StateError, match="not a fine-tuned image tower"):
         method.load_state_dict({"head.proj": torch.zeros(2)})
+
+
+def test_token_region_embeddings_follow_the_preprocessing_and_the_towers_head():
+    from clip_robust_plugins.models import load_open_clip
+
+    model, transform, _ = load_open_clip("crp-tiny", "spurious_quadrants")
+    model.eval()
+    assert ravl.token_regions_supported(model) and ravl.region_feature_mode("auto", model) == "tokens"
+    views = ravl.TrainViews(transform, GridProposer(2), "tokens", model.visual.patch_size)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = views(SampleImage("k", image, {}))
+    w = out["weights"]  # (4 regions, 8 x 8 patches): 64 px -> 32 px input, 4 px patches
+    assert w.shape == (4, 8, 8) and out["valid"].all()
+    assert w[0, :3, :3].min() > 0.95 and w[0, 5:, :].max() == 0 and w[0, :, 5:].max() == 0  # top-left quadrant
+    assert torch.allclose(w.sum(0), torch.ones(8, 8), atol=0.05)  # the quadrants tile the input
+    x = out["views"]
+    with torch.no_grad():
+        pooled, regions = ravl.encode_with_token_regions(model, x, w[None])
+        torch.testing.assert_close(pooled, model.encode_image(x))
+        model.visual.output_tokens = True
+        _, tokens = model.visual(x)
+        model.visual.output_tokens = False
+        manual = (w[0].flatten() @ tokens[0]) / w[0].sum() @ model.visual.proj
+        torch.testing.assert_close(regions[0, 0], manual)
+    assert not model.visual.output_tokens
+    resnet = argparse.Namespace(visual=torch.nn.Linear(2, 2))
+    assert ravl.region_feature_mode("auto", resnet) == "crops"
+    with pytest.raises(ValueError, match="needs an open_clip ViT"):
+        ravl.region_feature_mode("tokens", resnet)
+
+
+def test_ravl_fits_with_crop_regions_too(quadrants_flags):
+    """The crop-and-encode region path of the loss (towers without patch tokens, or --ravl_region_features crops)."""
+    from clip_robust_plugins import cli, plugins
+
+    pm = plugins.build_plugin_manager()
+    registry = plugins.set_plugin_manager(pm)
+    try:
+        args = cli.build_parser(pm, registry).parse_args(
+            ["discover", *quadrants_flags, "--no_feature_cache", "--quiet", "--ravl_region_features", "crops",
+             "--ravl_batch_size", "32", "--ravl_lr", "1e-4"])
+        args.device = "cpu"
+        ctx = ravl.context_from_args(args, registry)
+        method = registry.mitigation("ravl").create(args)
+        method.fit(ctx)
+    finally:
+        plugins.set_plugin_manager(None)
+    hp = method.hyperparameters()
+    assert hp["region_features_used"] == "crops" and hp["train_images_seen"] == QSMALL["train_size"]
+    assert hp["losses_per_epoch"][0]["label_to_region"] > 0
+    logits = method.predict(ctx, "test")
+    assert logits.shape == (QSMALL["test_size"], 2) and torch.isfinite(logits).all()

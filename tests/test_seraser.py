@@ -336,3 +336,14 @@ def test_views_are_not_images_of_other_sizes():
     wrong = SampleImage(sample.key, sample.image, sample.meta, Image.new("L", (8, 8)))
     with pytest.raises(DatasetError, match="mask of size"):
         provider(wrong)
+
+
+def test_cpu_threads_are_restored_after_tuning():
+    from clip_robust_plugins.mitigations.seraser import cpu_threads
+
+    torch.set_num_threads(2)
+    with cpu_threads(1, "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with cpu_threads(0, "cpu"):
+        assert torch.get_num_threads() == 2

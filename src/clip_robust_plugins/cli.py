@@ -166,6 +166,8 @@ def demo_eval_argv(output_dir: str, registry: Registry) -> list[str]:
     ]
     if mitigations:
         argv += ["--mitigation", *mitigations]
+    for name in mitigations:
+        argv += list(registry.mitigation(name).demo_flags)
     if _device() == "cpu":
         argv.append("--no_amp")  # the tiny model is fastest and exact in fp32 on a CPU
     return argv

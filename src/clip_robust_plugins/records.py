@@ -114,6 +114,9 @@ class MitigationSpec:
     needs: Needs = Needs()
     description: str = ""
     citation: str = ""
+    #: extra ``eval`` flags the offline demo passes for this method (settings chosen for the
+    #: tiny model and spurious_shapes, where they differ from the method's defaults)
+    demo_flags: tuple[str, ...] = ()
 
 
 ModelTriple = tuple["torch.nn.Module", Callable, Callable]
@@ -169,9 +172,11 @@ class ViewProviderSpec:
 
     ``create(options)`` returns a picklable callable ``provider(sample) -> SampleViews``
     taking a :class:`~clip_robust_plugins.datasets.base.SampleImage` (image, metadata,
-    mask).  The provider object should have a ``config`` string attribute naming its
-    settings (it enters the feature-cache key).  A segmenter (e.g. Grounded-SAM) plugs
-    in here as a third-party plugin.
+    mask).  The provider object must have a ``config`` string attribute naming its
+    settings (it enters the feature-cache key) and int attributes ``n_foreground`` and
+    ``n_background``, the numbers of views it returns for every sample (views are
+    embedded as fixed-size blocks, so the counts are needed before any sample is read).
+    A segmenter (e.g. Grounded-SAM) plugs in here as a third-party plugin.
     """
 
     name: str
@@ -188,9 +193,12 @@ class RegionProposerSpec:
     """Image regions for region-level methods such as RaVL (``--ravl_regions NAME``).
 
     ``create(options)`` returns a picklable callable ``proposer(sample) -> list[Box]``
-    taking a :class:`~clip_robust_plugins.datasets.base.SampleImage`; it should return
-    the same number of boxes for every sample and carry a ``config`` string attribute
-    naming its settings (it enters the feature-cache key).
+    taking a :class:`~clip_robust_plugins.datasets.base.SampleImage`; it must return
+    the same number of boxes for every sample, declared up front as an int attribute
+    ``count`` (region features are fixed-size (N, count, D) blocks), and carry a
+    ``config`` string attribute naming its settings (it enters the feature-cache key).
+    Boxes are ``(x0, y0, x1, y1)`` pixels inside the image; a repeated box counts as
+    padding and is ignored by RaVL.
     """
 
     name: str
