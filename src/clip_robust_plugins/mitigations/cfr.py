@@ -98,6 +98,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..argtypes import at_least, positive_float
 from ..features import (
     HEAD_ADAPTER,
     HEAD_ATTNPOOL,
@@ -643,34 +644,17 @@ def _create(options: argparse.Namespace) -> CFR:
     )
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 @hookimpl
 def add_arguments(parser):
     d = CFRConfig()
-    parser.add_argument("--cfr_epochs", type=_at_least(1), default=d.epochs,
+    parser.add_argument("--cfr_epochs", type=at_least(1), default=d.epochs,
                         help=f"cfr: contrastive recalibration epochs, one val check each (default {d.epochs}, the authors')")
-    parser.add_argument("--cfr_erm_epochs", type=_at_least(0), default=d.erm_epochs,
+    parser.add_argument("--cfr_erm_epochs", type=at_least(0), default=d.erm_epochs,
                         help=f"cfr: CLIP+ERM epochs that build the calibration set (default {d.erm_epochs})")
-    parser.add_argument("--cfr_lr", type=_positive_float, default=d.lr, help=f"cfr: AdamW learning rate, both stages (default {d.lr:g})")
+    parser.add_argument("--cfr_lr", type=positive_float, default=d.lr, help=f"cfr: AdamW learning rate, both stages (default {d.lr:g})")
     parser.add_argument("--cfr_weight_decay", type=float, default=d.weight_decay,
                         help=f"cfr: AdamW weight decay (default {d.weight_decay:g})")
-    parser.add_argument("--cfr_batch_size", type=_at_least(2), default=d.batch_size,
+    parser.add_argument("--cfr_batch_size", type=at_least(2), default=d.batch_size,
                         help=f"cfr: train samples (and calibration anchors) per step (default {d.batch_size})")
     parser.add_argument("--cfr_selection", choices=SELECTIONS, default=d.selection,
                         help="cfr: per-epoch model selection on val: worst_group (uses val group labels, the paper's "
@@ -678,9 +662,9 @@ def add_arguments(parser):
     parser.add_argument("--cfr_negative_space", choices=NEGATIVE_SPACES, default=d.negative_space,
                         help="cfr: space in which hard negatives are the most similar other-class samples: the frozen "
                              "pre-projection features (default, the authors') or the CLIP+ERM embeddings")
-    parser.add_argument("--cfr_tau", type=_positive_float, default=d.tau,
+    parser.add_argument("--cfr_tau", type=positive_float, default=d.tau,
                         help=f"cfr: InfoNCE temperature on cosine similarities (default {d.tau:g}, the authors')")
-    parser.add_argument("--cfr_supcon_tau", type=_positive_float, default=d.supcon_tau,
+    parser.add_argument("--cfr_supcon_tau", type=positive_float, default=d.supcon_tau,
                         help=f"cfr: supervised contrastive temperature (default {d.supcon_tau:g})")
 
 

@@ -126,7 +126,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import sys
 import time
@@ -141,6 +140,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..argtypes import at_least, fraction, positive_float
 from ..datasets.base import DatasetError, SampleImage
 from ..features import FeatureCache, FeatureExtractor, ImageSetKind, autocast
 from ..hookspecs import hookimpl
@@ -1439,67 +1439,43 @@ def _create(method: str):
     return create
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 @hookimpl
 def add_arguments(parser):
     d, dd = FineTuneConfig(), DiscoveryConfig()
     parser.add_argument("--ravl_regions", default="quadrants",
                         help="ravl/discover: region proposer (quadrants, grid, boxes, or a plugin's; default quadrants)")
-    parser.add_argument("--ravl_grid", type=_at_least(1), default=3, help="ravl: N of the 'grid' proposer (N x N boxes)")
+    parser.add_argument("--ravl_grid", type=at_least(1), default=3, help="ravl: N of the 'grid' proposer (N x N boxes)")
     parser.add_argument("--ravl_boxes_key", default="regions",
                         help="ravl: sample-json key holding the 'boxes' proposer's boxes (default regions)")
-    parser.add_argument("--ravl_max_boxes", type=_at_least(1), default=4,
+    parser.add_argument("--ravl_max_boxes", type=at_least(1), default=4,
                         help="ravl: boxes per image for the 'boxes' proposer (padded by repeating the last, default 4)")
     parser.add_argument("--ravl_truth_key", default="spurious_box",
                         help="discover: sample-json key of the labelled spurious box(es), for precision@10 and the "
                              "validity check only (default spurious_box)")
-    parser.add_argument("--ravl_influence_threshold", type=_fraction, default=dd.influence_threshold,
+    parser.add_argument("--ravl_influence_threshold", type=fraction, default=dd.influence_threshold,
                         help=f"ravl: keep clusters with influence H >= this (default {dd.influence_threshold})")
     parser.add_argument("--ravl_kmedoids_init", choices=KMEDOIDS_INITS, default=dd.kmedoids_init,
                         help="ravl: FasterPAM initialisation: random (seeded by --seed) or the deterministic PAM build")
-    parser.add_argument("--ravl_kmedoids_max_iter", type=_at_least(1), default=dd.max_iter,
+    parser.add_argument("--ravl_kmedoids_max_iter", type=at_least(1), default=dd.max_iter,
                         help=f"ravl: FasterPAM iteration cap (default {dd.max_iter})")
-    parser.add_argument("--ravl_top_regions", type=_at_least(1), default=dd.top_regions,
+    parser.add_argument("--ravl_top_regions", type=at_least(1), default=dd.top_regions,
                         help=f"discover: regions of the top cluster listed and shown (default {dd.top_regions})")
     parser.add_argument("--ravl_discovery_split", default=d.discovery_split,
                         help=f"ravl: split the mitigation runs discovery on (class labels only; default {d.discovery_split})")
-    parser.add_argument("--ravl_epochs", type=_at_least(1), default=d.epochs,
+    parser.add_argument("--ravl_epochs", type=at_least(1), default=d.epochs,
                         help=f"ravl and clip_ft: fine-tuning epochs over train (default {d.epochs})")
-    parser.add_argument("--ravl_lr", type=_positive, default=d.lr, help=f"ravl and clip_ft: AdamW learning rate (default {d.lr:g})")
+    parser.add_argument("--ravl_lr", type=positive_float, default=d.lr, help=f"ravl and clip_ft: AdamW learning rate (default {d.lr:g})")
     parser.add_argument("--ravl_weight_decay", type=float, default=d.weight_decay,
                         help=f"ravl and clip_ft: AdamW weight decay (default {d.weight_decay:g})")
-    parser.add_argument("--ravl_batch_size", type=_at_least(2), default=d.batch_size,
+    parser.add_argument("--ravl_batch_size", type=at_least(2), default=d.batch_size,
                         help=f"ravl and clip_ft: images per step (default {d.batch_size})")
-    parser.add_argument("--ravl_region_weight", type=_fraction, default=d.region_weight,
+    parser.add_argument("--ravl_region_weight", type=fraction, default=d.region_weight,
                         help=f"ravl: w in (1 - w) L_CLIP + w (L_R + L_A) (default {d.region_weight}, the paper's)")
     parser.add_argument("--ravl_region_features", choices=REGION_FEATURES, default=d.region_features,
                         help="ravl: region embeddings in the fine-tuning loss: tokens (patch tokens of the image's own "
                              "forward, pooled per region; open_clip ViTs), crops (each region cropped and encoded), "
                              "auto (tokens where possible; default)")
-    parser.add_argument("--ravl_shuffle_buffer", type=_at_least(1), default=d.shuffle_buffer,
+    parser.add_argument("--ravl_shuffle_buffer", type=at_least(1), default=d.shuffle_buffer,
                         help=f"ravl and clip_ft: streaming shuffle window over train, in images (default {d.shuffle_buffer})")
 
 

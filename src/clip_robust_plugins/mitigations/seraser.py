@@ -138,6 +138,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..argtypes import at_least, positive_float
 from ..datasets.base import DatasetError, SampleImage
 from ..engine import EvalError
 from ..features import ImageSetKind, autocast, encode_image_normalized
@@ -832,25 +833,8 @@ def register_view_providers(register):
     ))
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _scale(text: str) -> float | None:
-    return None if text == "model" else _positive_float(text)
+    return None if text == "model" else positive_float(text)
 
 
 def _non_negative_float(text: str) -> float:
@@ -868,13 +852,13 @@ def add_arguments(parser):
     parser.add_argument("--seraser_ctx_init", default=d.ctx_init,
                         help=f"seraser: words whose token embeddings initialise the context (default {d.ctx_init!r}; "
                              "empty: random init of --seraser_n_ctx vectors)")
-    parser.add_argument("--seraser_n_ctx", type=_at_least(1), default=None,
+    parser.add_argument("--seraser_n_ctx", type=at_least(1), default=None,
                         help="seraser: context vectors (default: the tokens of --seraser_ctx_init, 3 if it is empty)")
     parser.add_argument("--seraser_class_prompt", default=d.class_prompt,
                         help=f"seraser: the prompt after the context, {{c}} = class name (default {d.class_prompt!r})")
-    parser.add_argument("--seraser_steps", type=_at_least(0), default=d.steps,
+    parser.add_argument("--seraser_steps", type=at_least(0), default=d.steps,
                         help=f"seraser: AdamW steps per test image (default {d.steps})")
-    parser.add_argument("--seraser_lr", type=_positive_float, default=d.lr, help=f"seraser: learning rate (default {d.lr:g})")
+    parser.add_argument("--seraser_lr", type=positive_float, default=d.lr, help=f"seraser: learning rate (default {d.lr:g})")
     parser.add_argument("--seraser_weight_decay", type=_non_negative_float, default=d.weight_decay,
                         help=f"seraser: AdamW weight decay (default {d.weight_decay:g}, torch's default as the authors)")
     parser.add_argument("--seraser_fg_loss", choices=FG_LOSSES, default=d.fg_loss,
@@ -883,21 +867,21 @@ def add_arguments(parser):
                         help=f"seraser: weight of the background KL-to-uniform term (default {d.bg_weight:g})")
     parser.add_argument("--seraser_fg_weight", type=_non_negative_float, default=d.fg_weight,
                         help=f"seraser: weight of the foreground term (default {d.fg_weight:g})")
-    parser.add_argument("--seraser_batch_size", type=_at_least(1), default=d.batch_size,
+    parser.add_argument("--seraser_batch_size", type=at_least(1), default=d.batch_size,
                         help=f"seraser: test images tuned in one batched forward, each with its own context "
                              f"(default {d.batch_size}; 1 = one image at a time)")
     parser.add_argument("--seraser_logit_scale", type=_scale, default=d.logit_scale,
                         help=f"seraser: softmax scale of the losses and logits (default {d.logit_scale:g}, as "
                              "clip_benchmark and OpenAI CLIP; 'model': the model's own logit_scale.exp())")
-    parser.add_argument("--seraser_cpu_threads", type=_at_least(0), default=d.cpu_threads,
+    parser.add_argument("--seraser_cpu_threads", type=at_least(0), default=d.cpu_threads,
                         help=f"seraser: torch threads while tuning on a CPU (default {d.cpu_threads}: the small text "
                              "ops gain nothing from more on a shared machine; 0: torch's own setting)")
     parser.add_argument("--seraser_no_black_view", action="store_true",
                         help="seraser: do not add the all-black image to the background views")
-    parser.add_argument("--seraser_n_aug", type=_at_least(0), default=None,
+    parser.add_argument("--seraser_n_aug", type=at_least(0), default=None,
                         help=f"seraser: strong augmentations added to the background views (default {MASK_N_AUG} for "
                              f"masks/boxes, {AUGMENT_N_AUG} for augment)")
-    parser.add_argument("--seraser_n_fg_aug", type=_at_least(0), default=v.n_fg_aug,
+    parser.add_argument("--seraser_n_fg_aug", type=at_least(0), default=v.n_fg_aug,
                         help=f"seraser: strong augmentations added to the foreground views (default {v.n_fg_aug})")
     parser.add_argument("--seraser_fg_fill", choices=FG_FILLS, default=v.fg_fill,
                         help=f"seraser: masks/boxes: fill around the object in foreground views (default {v.fg_fill})")
