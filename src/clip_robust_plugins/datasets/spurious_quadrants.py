@@ -38,23 +38,21 @@ generator by ``scripts/train_quadrants_model.py``.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..groups import GROUPS_FILE, GroupSchema, two_field_schema
+from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import CheckpointSpec, DatasetRequest, DatasetSpec
-from .base import DatasetError, RobustDataset
+from .base import RobustDataset
+from .generated import config_from_flags, config_json, generator_metadata, open_generated, progress_bars
 from .spurious_shapes import CLASSNAMES, TEMPLATES, mask_box, render_sample
-from .wds import CLASSNAMES_FILE, TEMPLATES_FILE, GroupedShards
 
 NAME = "spurious_quadrants"
 ATTRIBUTES = ("no_patch", "patch")
@@ -67,9 +65,7 @@ _PIXEL_NOISE = 22.0
 _PATCH_RGB = np.array([40.0, 205.0, 205.0])  # cyan: not in the object palette
 _PATCH_JITTER = 12.0
 _SPLIT_INDEX = {split: i for i, split in enumerate(SPLITS)}
-_GENERATOR_KEY = "generator"
 GENERATOR_VERSION = 1
-_OWN_ENTRIES = {*SPLITS, CLASSNAMES_FILE, TEMPLATES_FILE}
 CHECKPOINT_MODEL = "crp-tiny"
 CHECKPOINT_TAG = NAME
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -117,27 +113,12 @@ class QuadrantsConfig:
         return np.full(4, size // 4, dtype=np.int64)
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        return config_json(self)
 
 
 def config_from_options(options: Any) -> QuadrantsConfig:
-    defaults = QuadrantsConfig()
-
-    def opt(name: str, cast):
-        value = getattr(options, f"quadrants_{name}", None)
-        return getattr(defaults, name) if value is None else cast(value)
-
-    try:
-        return QuadrantsConfig(
-            train_size=opt("train_size", int),
-            val_size=opt("val_size", int),
-            test_size=opt("test_size", int),
-            correlation=opt("correlation", float),
-            image_size=opt("image_size", int),
-            seed=opt("seed", int),
-        )
-    except ValueError as exc:
-        raise DatasetError(f"{NAME}: {exc}") from None
+    """A :class:`QuadrantsConfig` from parsed ``--quadrants_*`` flags; missing flags take the defaults."""
+    return config_from_flags(QuadrantsConfig, "quadrants_", options, NAME)
 
 
 def quadrant_boxes(size: int) -> list[list[int]]:
@@ -199,57 +180,25 @@ def schema_for(config: QuadrantsConfig) -> GroupSchema:
 
 def generate(root: str | os.PathLike, config: QuadrantsConfig, progress: bool = True) -> GroupSchema:
     """Write the dataset for ``config`` into ``root`` (grouped WebDataset shards)."""
-    from tqdm.auto import tqdm
-
     from .wds import write_grouped_dataset
 
     totals = {split: int(config.group_counts(split).sum()) for split in SPLITS}
-
-    def bar(items, split):
-        return tqdm(items, total=totals[split], desc=f"{NAME} {split}", unit="img", file=sys.stderr,
-                    disable=not progress, leave=False)
-
     return write_grouped_dataset(
         root,
         schema_for(config),
         TEMPLATES,
         {split: iter_split(config, split) for split in SPLITS},
-        extra_metadata={_GENERATOR_KEY: {"name": NAME, "version": GENERATOR_VERSION, "config": asdict(config)}},
-        progress=bar,
+        extra_metadata=generator_metadata(NAME, GENERATOR_VERSION, config),
+        progress=progress_bars(NAME, totals, progress),
     )
 
 
 def load_spurious_quadrants(request: DatasetRequest) -> RobustDataset:
     """Open (generating on first use) the shards for the requested config at ``request.root``."""
-    config = config_from_options(request.options)
-    root = Path(request.root)
-    groups_path = root / GROUPS_FILE
-    if not groups_path.is_file():
-        if root.exists() and not root.is_dir():
-            raise DatasetError(f"{root}: not a directory; choose another --dataset_root for robust/{NAME}")
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN_ENTRIES
-                         and not p.name.startswith(".staging-")) if root.exists() else []
-        if foreign:
-            raise DatasetError(f"{root}: has no {GROUPS_FILE} but holds other files ({', '.join(foreign[:3])}); "
-                               f"refusing to generate robust/{NAME} into it, choose an empty or new --dataset_root")
-        print(f"clip_robust_plugins: generating robust/{NAME} into {root} (seed {config.seed})", file=sys.stderr)
-        generate(root, config, progress=True)
-        return GroupedShards(root)
-    try:
-        stored = json.loads(groups_path.read_text()).get(_GENERATOR_KEY) or {}
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise DatasetError(f"{groups_path}: unreadable ({exc}); choose another --dataset_root for robust/{NAME}") from None
-    if stored.get("name") != NAME or stored.get("version") != GENERATOR_VERSION:
-        raise DatasetError(f"{root}: holds a dataset not made by robust/{NAME} version {GENERATOR_VERSION} "
-                           f"(generator {stored.get('name')!r} version {stored.get('version')!r}); "
-                           f"choose another --dataset_root")
-    if stored.get("config") != config.to_json():
-        have = stored.get("config") or {}
-        diffs = [f"{k}={have.get(k)!r} (requested {v!r})" for k, v in config.to_json().items() if have.get(k) != v]
-        raise DatasetError(f"{root}: robust/{NAME} there was generated with other settings: "
-                           f"{', '.join(diffs) or 'unknown config'}; choose another --dataset_root or pass matching "
-                           f"--quadrants_* flags")
-    return GroupedShards(root)
+    return open_generated(
+        request, name=NAME, version=GENERATOR_VERSION, config=config_from_options(request.options),
+        flag_prefix="quadrants_", splits=SPLITS, generate=lambda root, config: generate(root, config, progress=True),
+    )
 
 
 # ------------------------------------------------------------------------ hooks

@@ -31,24 +31,20 @@ with captions from :data:`TEMPLATES` (see ``scripts/train_tiny_clip.py``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..groups import GROUPS_FILE, GroupSchema, two_field_schema
+from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import DatasetRequest, DatasetSpec
-from .base import DatasetError, RobustDataset
-from .sources import is_remote_root
-from .wds import CLASSNAMES_FILE, TEMPLATES_FILE, GroupedShards
+from .base import RobustDataset
+from .generated import config_from_flags, config_json, generator_metadata, open_generated, progress_bars
 
 NAME = "spurious_shapes"
 CLASSNAMES = ("square", "diamond")
@@ -85,12 +81,8 @@ _RADIUS_RANGE = (0.18, 0.30)
 _SHAPES = CLASSNAMES
 
 _SPLIT_INDEX = {split: i for i, split in enumerate(SPLITS)}
-_GENERATOR_KEY = "generator"
 #: bumped whenever the rendering changes, so data made by older code is not mistaken for ours
 GENERATOR_VERSION = 1
-#: entries a partially written dataset of ours can leave behind; anything else in a root
-#: without groups.json means the directory is not ours and we refuse to generate into it
-_OWN_ENTRIES = {*SPLITS, CLASSNAMES_FILE, TEMPLATES_FILE}
 
 
 @dataclass(frozen=True)
@@ -143,28 +135,12 @@ class ShapesConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The config as it reads back from ``groups.json`` (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        return config_json(self)
 
 
 def config_from_options(options: Any) -> ShapesConfig:
-    """A :class:`ShapesConfig` from parsed flags; missing flags take the defaults."""
-    defaults = ShapesConfig()
-
-    def opt(name: str, cast):
-        value = getattr(options, f"shapes_{name}", None)
-        return getattr(defaults, name) if value is None else cast(value)
-
-    try:
-        return ShapesConfig(
-            train_size=opt("train_size", int),
-            val_size=opt("val_size", int),
-            test_size=opt("test_size", int),
-            correlation=opt("correlation", float),
-            image_size=opt("image_size", int),
-            seed=opt("seed", int),
-        )
-    except ValueError as exc:
-        raise DatasetError(f"spurious_shapes: {exc}") from None
+    """A :class:`ShapesConfig` from parsed ``--shapes_*`` flags; missing flags take the defaults."""
+    return config_from_flags(ShapesConfig, "shapes_", options, NAME)
 
 
 # ------------------------------------------------------------------ rendering
@@ -236,89 +212,27 @@ def generate(root: str | os.PathLike, config: ShapesConfig, progress: bool = Tru
 
     The shard size changes the files, not the samples or their order, so it is not part of ``config``.
     """
-    from tqdm.auto import tqdm
-
     from .wds import write_grouped_dataset
 
     totals = {split: int(config.group_counts(split).sum()) for split in SPLITS}
-
-    def bar(items, split):
-        return tqdm(
-            items,
-            total=totals[split],
-            desc=f"{NAME} {split}",
-            unit="img",
-            file=sys.stderr,
-            disable=not progress,
-            leave=False,
-        )
-
     return write_grouped_dataset(
         root,
         schema_for(config),
         TEMPLATES,
         {split: iter_split(config, split) for split in SPLITS},
-        extra_metadata={_GENERATOR_KEY: {"name": NAME, "version": GENERATOR_VERSION, "config": asdict(config)}},
-        progress=bar,
+        extra_metadata=generator_metadata(NAME, GENERATOR_VERSION, config),
+        progress=progress_bars(NAME, totals, progress),
         max_count=shard_size,
     )
 
 
 # ---------------------------------------------------------------------- loading
-def _check_generatable(root: Path) -> None:
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a directory; choose another --dataset_root for robust/{NAME}")
-    foreign = sorted(
-        p.name for p in root.iterdir() if p.name not in _OWN_ENTRIES and not p.name.startswith(".staging-")
-    )
-    if foreign:
-        raise DatasetError(
-            f"{root}: has no {GROUPS_FILE} but holds other files ({', '.join(foreign[:3])}); refusing to generate "
-            f"robust/{NAME} into it, choose an empty or new --dataset_root"
-        )
-
-
 def load_spurious_shapes(request: DatasetRequest) -> RobustDataset:
     """Open (generating on first use) the shards for the requested config at ``request.root``."""
-    config = config_from_options(request.options)
-    if is_remote_root(str(request.root)):  # generating needs a directory; a served copy is read as wds/
-        raise DatasetError(
-            f"{request.root}: robust/{NAME} generates its data into a local directory; to read a served copy, "
-            f"use --dataset wds/{NAME} with this URL"
-        )
-    root = Path(request.root)
-    groups_path = root / GROUPS_FILE
-    if not groups_path.is_file():
-        _check_generatable(root)
-        print(f"clip_robust_plugins: generating robust/{NAME} into {root} (seed {config.seed})", file=sys.stderr)
-        generate(root, config, progress=True)
-        return GroupedShards(root)
-    try:
-        stored = json.loads(groups_path.read_text()).get(_GENERATOR_KEY) or {}
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise DatasetError(
-            f"{groups_path}: unreadable ({exc}); choose another --dataset_root for robust/{NAME}"
-        ) from None
-    if stored.get("name") != NAME:
-        raise DatasetError(
-            f"{root}: holds a dataset not generated by robust/{NAME} (generator {stored.get('name')!r}); "
-            f"choose another --dataset_root"
-        )
-    if stored.get("version") != GENERATOR_VERSION:
-        raise DatasetError(
-            f"{root}: robust/{NAME} there was made by generator version {stored.get('version')!r}, this is version "
-            f"{GENERATOR_VERSION}; choose another --dataset_root (or delete it to regenerate)"
-        )
-    if stored.get("config") != config.to_json():
-        wanted, have = config.to_json(), stored.get("config") or {}
-        diffs = [f"{k}={have.get(k)!r} (requested {v!r})" for k, v in wanted.items() if have.get(k) != v]
-        raise DatasetError(
-            f"{root}: robust/{NAME} there was generated with other settings: {', '.join(diffs) or 'unknown config'}; "
-            f"choose another --dataset_root or pass matching --shapes_* flags"
-        )
-    return GroupedShards(root)
+    return open_generated(
+        request, name=NAME, version=GENERATOR_VERSION, config=config_from_options(request.options),
+        flag_prefix="shapes_", splits=SPLITS, generate=lambda root, config: generate(root, config, progress=True),
+    )
 
 
 # ------------------------------------------------------------------------ hooks
