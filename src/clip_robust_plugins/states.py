@@ -72,3 +72,34 @@ def check_compatible(state: SavedState, expected: Mapping[str, Any]) -> None:
         wanted = value if isinstance(value, str) else json.dumps(value)
         if stored is not None and stored != wanted:
             raise StateError(f"{state.path}: fitted with {key}={stored}, but this run has {key}={wanted}")
+
+
+def load_base_model(path: str, method: str, model_name: str | None, cache_dir: str | None, device: Any):
+    """The base model a state file of ``method`` was fitted on: ``(state, model, transform, tokenizer)``.
+
+    For model types that turn a state file into an open_clip-compatible model
+    (``--model_type cfr|ravl|clip_ft --model BASE --pretrained STATE``): the file's metadata
+    names the base model and checkpoint, loaded through the model type the fit used
+    (``hyperparameters.model_type``, open_clip by default); ``--model`` must match.
+    """
+    from .models import load_open_clip
+    from .plugins import get_registry
+
+    state = read_state(path)
+    if state.method != method:
+        raise StateError(f"{path}: a state of method {state.method!r}, not {method!r}")
+    base_model, base_pretrained = state.metadata.get("model"), state.metadata.get("pretrained")
+    if not base_model or not base_pretrained:
+        raise StateError(f"{path}: the state does not record its base model (metadata 'model'/'pretrained')")
+    if model_name and model_name != base_model:
+        raise StateError(
+            f"{path}: {method} state fitted on --model {base_model} (pretrained {base_pretrained}), "
+            f"but --model {model_name} was given"
+        )
+    try:
+        base_type = json.loads(state.metadata.get("hyperparameters", "{}")).get("model_type") or "open_clip"
+    except ValueError:
+        base_type = "open_clip"
+    loader = load_open_clip if base_type == "open_clip" else get_registry().model_loader(base_type).load
+    model, transform, tokenizer = loader(model_name=base_model, pretrained=base_pretrained, cache_dir=cache_dir, device=device)
+    return state, model, transform, tokenizer

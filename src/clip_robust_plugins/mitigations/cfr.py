@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 import warnings
@@ -109,7 +108,7 @@ from ..features import (
 )
 from ..hookspecs import hookimpl
 from ..records import MitigationSpec, ModelLoaderSpec, Needs
-from ..states import StateError, read_state
+from ..states import StateError, load_base_model
 from .base import AdaptedCLIP, Mitigation, RunContext
 
 NAME = "cfr"
@@ -586,32 +585,7 @@ def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = Non
     :func:`clip_robust_plugins.models.load_open_clip` (or, when the fit recorded another
     ``--model_type``, through that registered loader).  Returns ``(model, transform, tokenizer)``.
     """
-    from ..models import load_open_clip
-
-    state = read_state(pretrained)
-    if state.method != NAME:
-        raise StateError(f"{pretrained}: a state of method {state.method!r}, not {NAME!r}")
-    base_model, base_pretrained = state.metadata.get("model"), state.metadata.get("pretrained")
-    if not base_model or not base_pretrained:
-        raise StateError(f"{pretrained}: the state does not record its base model (metadata 'model'/'pretrained')")
-    if model_name and model_name != base_model:
-        raise StateError(
-            f"{pretrained}: CFR state fitted on --model {base_model} (pretrained {base_pretrained}), "
-            f"but --model {model_name} was given"
-        )
-    try:
-        base_type = json.loads(state.metadata.get("hyperparameters", "{}")).get("model_type", "open_clip")
-    except ValueError:
-        base_type = "open_clip"
-    if base_type in (None, "open_clip"):
-        model, transform, tokenizer = load_open_clip(base_model, base_pretrained, cache_dir=cache_dir, device=device)
-    else:
-        from ..plugins import get_registry
-
-        loader = get_registry().model_loader(base_type)
-        model, transform, tokenizer = loader.load(
-            model_name=base_model, pretrained=base_pretrained, cache_dir=cache_dir, device=device
-        )
+    state, model, transform, tokenizer = load_base_model(pretrained, NAME, model_name, cache_dir, device)
     cfr = CFR()
     cfr.load_state_dict(state.tensors)
     model = apply_head(model, cfr.head_type, cfr.head_state)

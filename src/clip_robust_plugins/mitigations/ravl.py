@@ -145,7 +145,7 @@ from ..datasets.base import DatasetError, SampleImage
 from ..features import FeatureCache, FeatureExtractor, ImageSetKind, autocast
 from ..hookspecs import hookimpl
 from ..records import Box, MitigationSpec, ModelLoaderSpec, Needs, RegionProposerSpec
-from ..states import StateError, read_state
+from ..states import StateError, load_base_model
 from .base import Mitigation, RunContext
 
 NAME = "ravl"
@@ -1381,25 +1381,7 @@ def load_finetuned_model(method: str):
     """A model loader for ``--model_type ravl|clip_ft --model BASE --pretrained <output>_state_<method>.safetensors``."""
 
     def load(model_name: str, pretrained: str, cache_dir: str | None = None, device: str | torch.device = "cpu"):
-        from ..models import load_open_clip
-        from ..plugins import get_registry
-
-        state = read_state(pretrained)
-        if state.method != method:
-            raise StateError(f"{pretrained}: a state of method {state.method!r}, not {method!r}")
-        base_model, base_pretrained = state.metadata.get("model"), state.metadata.get("pretrained")
-        if not base_model or not base_pretrained:
-            raise StateError(f"{pretrained}: the state does not record its base model (metadata 'model'/'pretrained')")
-        if model_name and model_name != base_model:
-            raise StateError(f"{pretrained}: {method} state fitted on --model {base_model} (pretrained "
-                             f"{base_pretrained}), but --model {model_name} was given")
-        try:
-            base_type = json.loads(state.metadata.get("hyperparameters", "{}")).get("model_type") or "open_clip"
-        except ValueError:
-            base_type = "open_clip"
-        loader = load_open_clip if base_type == "open_clip" else get_registry().model_loader(base_type).load
-        model, transform, tokenizer = loader(model_name=base_model, pretrained=base_pretrained, cache_dir=cache_dir,
-                                             device=device)
+        state, model, transform, tokenizer = load_base_model(pretrained, method, model_name, cache_dir, device)
         fitted = RegionAwareFineTune(method, FineTuneConfig())
         fitted.load_state_dict(state.tensors)
         return apply_visual_state(model, fitted.visual_state).to(device).eval(), transform, tokenizer
