@@ -97,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..argtypes import at_least, positive_float
+from ..argtypes import at_least, config_from_options, positive_float
 from ..features import (
     HEAD_ADAPTER,
     HEAD_ATTNPOOL,
@@ -596,24 +596,8 @@ def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = Non
 
 
 def _create(options: argparse.Namespace) -> CFR:
-    defaults = CFRConfig()
-
-    def opt(name):
-        value = getattr(options, f"cfr_{name}", None)
-        return getattr(defaults, name) if value is None else value
-
     return CFR(
-        CFRConfig(
-            epochs=opt("epochs"),
-            erm_epochs=opt("erm_epochs"),
-            lr=opt("lr"),
-            weight_decay=opt("weight_decay"),
-            batch_size=opt("batch_size"),
-            tau=opt("tau"),
-            supcon_tau=opt("supcon_tau"),
-            selection=opt("selection"),
-            negative_space=opt("negative_space"),
-        ),
+        config_from_options(CFRConfig, "cfr_", options),
         model_type=getattr(options, "model_type", None) or "open_clip",
     )
 

@@ -140,7 +140,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..argtypes import at_least, fraction, positive_float
+from ..argtypes import at_least, config_from_options, fraction, positive_float
 from ..datasets.base import DatasetError, SampleImage
 from ..features import FeatureCache, FeatureExtractor, ImageSetKind, autocast
 from ..hookspecs import hookimpl
@@ -1398,8 +1398,7 @@ def _option(options: argparse.Namespace, name: str, default: Any) -> Any:
 
 
 def finetune_config(options: argparse.Namespace) -> FineTuneConfig:
-    d = FineTuneConfig()
-    return FineTuneConfig(**{f: _option(options, f, getattr(d, f)) for f in asdict(d) if f != "temperature"})
+    return config_from_options(FineTuneConfig, "ravl_", options, temperature=FineTuneConfig().temperature)
 
 
 def discovery_config(options: argparse.Namespace) -> DiscoveryConfig:

@@ -138,7 +138,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..argtypes import at_least, positive_float
+from ..argtypes import at_least, config_from_options, positive_float
 from ..datasets.base import DatasetError, SampleImage
 from ..engine import EvalError
 from ..features import ImageSetKind, autocast, encode_image_normalized
@@ -782,16 +782,7 @@ class SEraser(Mitigation):
 
 
 def view_options(options: argparse.Namespace) -> ViewOptions:
-    d = ViewOptions()
-
-    def opt(name):
-        value = getattr(options, f"seraser_{name}", None)
-        return getattr(d, name) if value is None else value
-
-    return ViewOptions(
-        n_aug=opt("n_aug"), n_fg_aug=opt("n_fg_aug"), fg_fill=opt("fg_fill"), bg_fill=opt("bg_fill"),
-        seed=int(getattr(options, "seed", 0) or 0),
-    )
+    return config_from_options(ViewOptions, "seraser_", options, seed=int(getattr(options, "seed", 0) or 0))
 
 
 def _create(options: argparse.Namespace) -> SEraser:
