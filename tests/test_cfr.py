@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_robust_plugins import models
+from clip_robust_plugins import AdaptedCLIP, RunContext, models
 from clip_robust_plugins.features import (
     FEATURE_KINDS,
     FeatureSet,
@@ -32,7 +32,6 @@ from clip_robust_plugins.features import (
 )
 from clip_robust_plugins.groups import two_field_schema
 from clip_robust_plugins.mitigations import cfr as cfr_module
-from clip_robust_plugins.mitigations.base import AdaptedCLIP, RunContext
 from clip_robust_plugins.mitigations.cfr import (
     CFR,
     CFRConfig,

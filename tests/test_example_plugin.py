@@ -102,6 +102,7 @@ def test_installed_example_is_discovered_with_version_hooks_and_records(example_
         "checkpoints": [],
         "view_providers": [],
         "region_proposers": [],
+        "commands": [],
     }
     assert set(plugins.BUILTIN_PLUGINS) <= set(rows)  # built-ins load beside it
     # the broken --plugin module: one warning naming it, and everything else still works

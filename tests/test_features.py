@@ -118,9 +118,10 @@ def test_cache_file_is_the_documented_format(tmp_path):
 
 def test_registered_checkpoint_tag_is_keyed_by_its_file():
     """Replacing the file behind ``--pretrained spurious_shapes`` must change the cache key."""
-    from clip_robust_plugins import features
+    from clip_robust_plugins import features, plugins
 
-    ident = features._resolve_checkpoint("open_clip", "crp-tiny", "spurious_shapes")
+    registry = plugins.collect_registry(plugins.build_plugin_manager())
+    ident = features._resolve_checkpoint("open_clip", "crp-tiny", "spurious_shapes", registry)
     assert ident.endswith("crp-tiny_spurious_shapes.safetensors")
     assert features.pretrained_identity(ident).count(":") >= 2  # path:size:mtime
-    assert features._resolve_checkpoint("open_clip", "ViT-B-32", "openai") == "openai"
+    assert features._resolve_checkpoint("open_clip", "ViT-B-32", "openai", registry) == "openai"

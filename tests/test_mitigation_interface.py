@@ -8,9 +8,9 @@ import pytest
 import torch
 from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
 
+from clip_robust_plugins import AdaptedCLIP, RunContext
 from clip_robust_plugins.datasets.wds import GroupedShards
 from clip_robust_plugins.features import FeatureCache, FeatureExtractor
-from clip_robust_plugins.mitigations.base import AdaptedCLIP, RunContext
 from clip_robust_plugins.mitigations.erm_head import ERMHead
 from clip_robust_plugins.models import load_open_clip
 
@@ -30,7 +30,7 @@ def make_ctx(tiny, root, seed=0) -> RunContext:
     )
     return RunContext(
         dataset=dataset, dataset_name="robust/spurious_shapes", classnames=dataset.classnames,
-        templates=dataset.templates, model=model, tokenizer=tokenizer, transform=transform, extractor=extractor,
+        templates=dataset.templates, load_model=lambda: tiny, extractor=extractor, registry=None,
         device="cpu", amp=False, seed=seed, options=argparse.Namespace(), eval_split="test", progress=False,
     )
 

@@ -361,7 +361,7 @@ def test_discovery_reads_no_group_labels(quadrants_flags, tmp_path, monkeypatch)
     pm = plugins.build_plugin_manager()
     registry = plugins.set_plugin_manager(pm)
     try:
-        parser = cli.build_parser(pm, registry)
+        parser = cli.build_parser(pm, registry, "discover")
         args = parser.parse_args(["discover", *quadrants_flags, "--no_feature_cache", "--quiet"])
         args.device = "cpu"
         ctx = ravl.context_from_args(args, registry)
@@ -533,7 +533,7 @@ def test_ravl_fits_with_crop_regions_too(quadrants_flags):
     pm = plugins.build_plugin_manager()
     registry = plugins.set_plugin_manager(pm)
     try:
-        args = cli.build_parser(pm, registry).parse_args(
+        args = cli.build_parser(pm, registry, "discover").parse_args(
             ["discover", *quadrants_flags, "--no_feature_cache", "--quiet", "--ravl_region_features", "crops",
              "--ravl_batch_size", "32", "--ravl_lr", "1e-4"])
         args.device = "cpu"

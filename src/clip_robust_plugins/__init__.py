@@ -1,37 +1,70 @@
 """clip-robust-plugins: group-robustness evaluation and mitigations for clip_benchmark.
 
-Plugin authors need only :data:`hookimpl` and the records in :mod:`clip_robust_plugins.records`.
+Everything a plugin author needs is importable from here, and only from here (see
+``docs/plugins.md`` for what is public).  Names are resolved on first use, so
+``import clip_robust_plugins`` stays cheap and registering a plugin imports no torch.
 """
 
-from .hookspecs import hookimpl
-from .records import (
-    CheckpointSpec,
-    DatasetRequest,
-    DatasetSpec,
-    MetricSpec,
-    MitigationSpec,
-    ModelLoaderSpec,
-    Needs,
-    Predictions,
-    RegionProposerSpec,
-    SampleViews,
-    ViewProviderSpec,
-)
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "CheckpointSpec",
-    "DatasetRequest",
-    "DatasetSpec",
-    "MetricSpec",
-    "MitigationSpec",
-    "ModelLoaderSpec",
-    "Needs",
-    "Predictions",
-    "RegionProposerSpec",
-    "SampleViews",
-    "ViewProviderSpec",
-    "__version__",
-    "hookimpl",
-]
+__version__ = "0.2.0"
+
+#: public name -> module (relative to this package) that defines it
+_PUBLIC: dict[str, str] = {
+    # hooks
+    "hookimpl": "hookspecs",
+    # records handed to the register_* hooks
+    "CheckpointSpec": "records",
+    "CommandContext": "records",
+    "CommandSpec": "records",
+    "DatasetRequest": "records",
+    "DatasetSpec": "records",
+    "MetricSpec": "records",
+    "MitigationSpec": "records",
+    "ModelLoaderSpec": "records",
+    "Needs": "records",
+    "Predictions": "records",
+    "RegionProposerSpec": "records",
+    "SampleViews": "records",
+    "ViewProviderSpec": "records",
+    "Box": "records",
+    # mitigations
+    "Mitigation": "mitigations.base",
+    "RunContext": "mitigations.base",
+    "AdaptedCLIP": "mitigations.adapted",
+    # datasets and groups
+    "RobustDataset": "datasets.base",
+    "SampleImage": "datasets.base",
+    "DatasetError": "datasets.base",
+    "GroupedShards": "datasets.wds",
+    "write_grouped_dataset": "datasets.wds",
+    "GroupSchema": "groups",
+    "GroupSchemaError": "groups",
+    "two_field_schema": "groups",
+    # features a mitigation reads
+    "FeatureSet": "features",
+    "ImageSetKind": "features",
+    # flags: one dataclass for a plugin's flags and config
+    "option": "argtypes",
+    "add_config_flags": "argtypes",
+    "config_from_options": "argtypes",
+}
+
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clip_robust_plugins' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+

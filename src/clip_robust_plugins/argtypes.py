@@ -1,6 +1,7 @@
 """Flag helpers shared by the plugins: argparse ``type=`` validators (a bad value is argparse's
-one-line usage error naming the flag rather than a failure deep inside a fit) and the mapping
-from ``--<prefix><field>`` flags to a config dataclass."""
+one-line usage error naming the flag rather than a failure deep inside a fit), and one
+dataclass per method or dataset that defines both its ``--<prefix><field>`` flags
+(:func:`option`, :func:`add_config_flags`) and its typed config (:func:`config_from_options`)."""
 
 from __future__ import annotations
 
@@ -51,5 +52,78 @@ def config_from_options(config_cls: type, prefix: str, options: Any, **explicit:
         if f.name in explicit or not f.init:
             continue
         value = getattr(options, f"{prefix}{f.name}", None)
-        values[f.name] = getattr(defaults, f.name) if value is None else value
+        if value is None:
+            value = getattr(defaults, f.name)
+        elif isinstance(getattr(defaults, f.name), tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
     return config_cls(**values, **explicit)
+
+
+def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None, choices: Any = None,
+           metavar: str | None = None) -> Any:
+    """A config dataclass field that is also a command-line flag (see :func:`add_config_flags`).
+
+    ``help`` says what the setting does; the flag's help appends the default.  ``type``
+    defaults to the type of ``default`` (bools become ``--flag/--no-flag``).
+    """
+    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("option defaults must be immutable (use a tuple)")
+    return dataclasses.field(default=default, metadata={"flag": meta})
+
+
+def add_config_flags(parser: Any, config_cls: type, prefix: str, topic: str | None = None) -> None:
+    """One ``--<prefix><field>`` flag per :func:`option` field of ``config_cls``.
+
+    Flags default to None so :func:`config_from_options` can tell "not given" from a value
+    and fall back to the dataclass default: the dataclass is the one source of defaults.
+    """
+    topic = topic or prefix.rstrip("_")
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata.get("flag")
+        if meta is None:
+            continue
+        default = f.default
+        shown = "none" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
+        kwargs: dict[str, Any] = {"default": None, "help": f"{topic}: {meta['help']} (default: {shown})"}
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        if isinstance(default, bool) and meta["type"] is None:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            value_type = meta["type"]
+            if value_type is None and default is not None:
+                value_type = type(default[0]) if isinstance(default, tuple) and default else type(default)
+            if value_type is not None and value_type is not str:
+                kwargs["type"] = value_type
+            if isinstance(default, tuple):
+                kwargs["nargs"] = "+"
+        parser.add_argument(f"--{prefix}{f.name}", **kwargs)
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of reading a dataset and caching its features, shared by ``eval`` and the
+    commands that read datasets the same way (``discover``)."""
+    group = parser.add_argument_group("data and feature cache")
+    group.add_argument(
+        "--feature_cache", default=None, metavar="DIR",
+        help="feature cache directory (default $CLIP_ROBUST_FEATURE_CACHE or ~/.cache/clip_robust_plugins/features)",
+    )
+    group.add_argument("--no_feature_cache", action="store_true", help="do not read or write cached features")
+    group.add_argument(
+        "--shard_pattern", default=None, metavar="PATTERN",
+        help="wds/ datasets: each split's shards as a brace pattern with {split}, relative to --dataset_root or "
+        "absolute, e.g. '{split}/shard-{000..011}.tar' (instead of {split}/nshards.txt)",
+    )
+    group.add_argument(
+        "--allow_pipe_urls", action="store_true",
+        help="allow webdataset pipe: URLs in --shard_pattern; their text runs as a shell command (only for commands you trust)",
+    )
+    group.add_argument(
+        "--skip_bad_samples", action="store_true",
+        help="skip samples whose image does not decode or whose features are not finite (recorded in the results "
+        "JSON under robust.skipped_samples) instead of failing; every other bad input stays an error",
+    )

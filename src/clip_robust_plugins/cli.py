@@ -1,64 +1,54 @@
 """``clip_benchmark_robust``: clip_benchmark's CLI plus group robustness.
 
-- ``eval``: every ``clip_benchmark eval`` flag (it is clip_benchmark's own parser), plus
-  ``--mitigation``, ``--plugin``, ``--save_predictions``, ``--plot``, ``--feature_cache``
-  and the flags plugins add.  Group datasets (``robust/<name>``, or ``wds/<name>`` whose
-  root holds ``groups.json``) run through our engine, and so do zero-shot runs on
-  clip_benchmark's own local ``wds/`` shards (class-level metrics, noted as having no
-  groups); anything else runs through clip_benchmark's own code, unchanged except for
-  its numpy>=2.4 accuracy crash.
-- ``export_wds``: a registered dataset to grouped shards (:mod:`clip_robust_plugins.export`).
-- ``discover``: RaVL's region-level discovery of learned spurious correlations (:mod:`clip_robust_plugins.mitigations.ravl`).
-- ``build``: clip_benchmark's, unchanged.
-- ``plugins``: JSON listing every plugin, its version, its hooks and what it registered.
-- ``demo``: the offline end-to-end run on ``robust/spurious_shapes`` with the shipped
-  tiny model, every registered mitigation, the table, JSON, CSV and plot.
+- ``eval``: every ``clip_benchmark eval`` flag (clip_benchmark's own parser), plus our flags
+  and the plugins'.  Group datasets (``robust/<name>``, ``wds/<name>`` with ``groups.json``)
+  and clip_benchmark's local ``wds/`` classification shards run through our engine; anything
+  else through clip_benchmark's own code.
+- ``build``: clip_benchmark's.  ``plugins``: JSON of every plugin.  ``demo``: the offline run.
+- Subcommands registered by plugins (``register_commands``): ``discover`` (RaVL),
+  ``export_wds``, ``report``, and any third party's.
+
+Start-up is cheap: plugins register without importing torch, the parser is built from
+clip_benchmark's source without importing it, and a subcommand's flags are added only
+when that subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 
-import torch
-
-from . import engine, export
-from .compat import clip_benchmark_patched
-from .datasets.base import DatasetError
-from .errors import one_line
-from .groups import GroupSchemaError
-from .mitigations import ravl
+from .argtypes import add_data_flags
+from .errors import EvalError, one_line
 from .plugins import (
+    REGISTRY_KINDS,
     PluginError,
     Registry,
+    add_plugin_flags,
     build_plugin_manager,
+    collect_registry,
     describe_plugins,
-    per_plugin_callers,
-    set_plugin_manager,
+    plugin_parent_parser,
 )
-from .states import StateError
+from .records import CommandContext
 
 PROG = "clip_benchmark_robust"
 ENV_DEBUG = "CLIP_ROBUST_DEBUG"
-#: errors that are the user's input, shown as one line (tracebacks with CLIP_ROBUST_DEBUG=1)
-USER_ERRORS = (engine.EvalError, DatasetError, GroupSchemaError, PluginError, StateError, FileNotFoundError)
 
 
-def _clip_benchmark_parser() -> argparse.ArgumentParser:
-    """clip_benchmark's own parser object (its builder parses sys.argv, so give it a valid one)."""
-    import clip_benchmark.cli as cb_cli
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, shown as one line (tracebacks with CLIP_ROBUST_DEBUG=1)."""
+    from .datasets.base import DatasetError
+    from .groups import GroupSchemaError
+    from .states import StateError
 
-    saved = sys.argv
-    sys.argv = ["clip_benchmark", "build", os.devnull]
-    try:
-        parser, _ = cb_cli.get_parser_args()
-    finally:
-        sys.argv = saved
-    return parser
+    return (EvalError, DatasetError, GroupSchemaError, PluginError, StateError, FileNotFoundError)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
@@ -72,14 +62,11 @@ def add_robust_eval_flags(parser: argparse.ArgumentParser) -> None:
         help="mitigation(s) to evaluate beside zero-shot (always run as the baseline); see `clip_benchmark_robust plugins`",
     )
     group.add_argument(
-        "--plugin", action="append", default=[], metavar="MODULE",
-        help="import MODULE as a plugin for this run (repeatable), like `pytest -p`",
-    )
-    group.add_argument(
         "--save_predictions", action="store_true",
         help="write <output>_predictions.csv (key,y,group,pred_<method>...) beside the results JSON",
     )
-    group.add_argument("--plot", action="store_true", help="write <output>_groups.png, per-group accuracy per method")
+    group.add_argument("--plot", action="store_true",
+                       help="write <output>_groups.png (per-group accuracy per method) and each method's own figures")
     group.add_argument(
         "--save_mitigation_state", action="store_true",
         help="write each fitted mitigation's state to <output>_state_<method>.safetensors",
@@ -88,53 +75,46 @@ def add_robust_eval_flags(parser: argparse.ArgumentParser) -> None:
         "--mitigation_state", nargs="+", default=[], metavar="FILE",
         help="use fitted state file(s) written by --save_mitigation_state instead of fitting (the file names its method)",
     )
-    group.add_argument(
-        "--feature_cache", default=None, metavar="DIR",
-        help="feature cache directory (default $CLIP_ROBUST_FEATURE_CACHE or ~/.cache/clip_robust_plugins/features)",
-    )
-    group.add_argument("--no_feature_cache", action="store_true", help="do not read or write cached features")
-    group.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
-    group.add_argument(
-        "--shard_pattern", default=None, metavar="PATTERN",
-        help="wds/ datasets: each split's shards as a brace pattern with {split}, relative to --dataset_root or "
-        "absolute, e.g. '{split}/shard-{000..011}.tar' (instead of {split}/nshards.txt)",
-    )
-    group.add_argument(
-        "--allow_pipe_urls", action="store_true",
-        help="allow webdataset pipe: URLs in --shard_pattern; their text runs as a shell command (only for commands you trust)",
-    )
-    group.add_argument(
-        "--skip_bad_samples", action="store_true",
-        help="skip samples whose image does not decode (recorded in the results JSON under robust.skipped_samples) "
-        "instead of failing; every other bad input stays an error",
-    )
+    add_data_flags(parser)
 
 
-def build_parser(pm, registry: Registry) -> argparse.ArgumentParser:
-    parser = _clip_benchmark_parser()
+def build_parser(pm, registry: Registry, command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; only ``command``'s own flags are filled in (the others list their help line)."""
+    from .compat import clip_benchmark_parser
+
+    parser = clip_benchmark_parser(sorted(registry.model_loaders))
     parser.prog = PROG
     parser.description = "clip_benchmark with group-robustness datasets, metrics and mitigations (pluggy plugins)."
     sub = _subparsers(parser)
     for choice in sub.choices.values():
         choice.prog = choice.prog.replace("clip_benchmark", PROG, 1)
+    parent = plugin_parent_parser()
     eval_parser = sub.choices["eval"]
-    add_robust_eval_flags(eval_parser)
-    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
-        caller(parser=eval_parser.add_argument_group(f"plugin {plugin_name}"))
+    if command in ("eval", "demo"):
+        for action in parent._actions:
+            eval_parser._add_action(action)
+        add_robust_eval_flags(eval_parser)
+        add_plugin_flags(eval_parser, pm)
 
-    plugins_parser = sub.add_parser("plugins", help="list plugins, their versions, hooks and registrations as JSON")
-    plugins_parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load MODULE")
-    plugins_parser.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
+    plugins_parser = sub.add_parser("plugins", parents=[parent], prog=f"{PROG} plugins",
+                                    help="list plugins, their versions, hooks and registrations as JSON")
     plugins_parser.set_defaults(which="plugins")
-
     demo_parser = sub.add_parser(
-        "demo", help="offline end-to-end demo: spurious_shapes, the shipped tiny model, every mitigation",
+        "demo", prog=f"{PROG} demo", parents=[parent],
+        help="offline end-to-end demo: spurious_shapes, the shipped tiny model, every mitigation",
         description="Runs offline. Any `eval` flag after the demo's own flags overrides the demo's presets.",
     )
     demo_parser.add_argument("--output_dir", default="crp_demo", help="where data, features and results go (default ./crp_demo)")
     demo_parser.set_defaults(which="demo")
-    export.add_parser(sub, pm)
-    ravl.add_discover_parser(sub, pm)
+    context = CommandContext(registry=registry, plugin_manager=pm)
+    for name, spec in registry.commands.items():
+        if name in sub.choices:
+            raise PluginError(f"plugin {registry.owner('commands', name)!r} registers command {name!r}, which exists already")
+        command_parser = sub.add_parser(name, prog=f"{PROG} {name}", help=spec.help, description=spec.description or spec.help,
+                                        parents=[parent] if name == command else [])
+        command_parser.set_defaults(which=name)
+        if name == command:
+            spec.add_arguments(command_parser, context)
     return parser
 
 
@@ -143,20 +123,20 @@ def plugins_json(pm, registry: Registry) -> list[dict]:
     for row in rows:
         row["registers"] = {
             kind: sorted(name for (k, name), owner in registry.owners.items() if k == kind and owner == row["name"])
-            for kind in (
-                "datasets", "metrics", "mitigations", "model_loaders", "checkpoints", "view_providers", "region_proposers"
-            )
+            for kind in REGISTRY_KINDS
         }
     return rows
 
 
 def _device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def demo_eval_argv(output_dir: str, registry: Registry) -> list[str]:
+def demo_eval_argv(output_dir: str, registry: Registry, device: str) -> list[str]:
     """The eval command line the demo runs (printed, so a user can rerun or vary it)."""
-    mitigations = [name for name in registry.mitigations if name != engine.BASELINE]
+    mitigations = [name for name, spec in registry.mitigations.items() if not spec.baseline]
     argv = [
         "eval", "--dataset", "robust/spurious_shapes", "--dataset_root", os.path.join(output_dir, "data"),
         "--model", "crp-tiny", "--pretrained", "spurious_shapes",
@@ -168,9 +148,14 @@ def demo_eval_argv(output_dir: str, registry: Registry) -> list[str]:
         argv += ["--mitigation", *mitigations]
     for name in mitigations:
         argv += list(registry.mitigation(name).demo_flags)
-    if _device() == "cpu":
+    if device == "cpu":
         argv.append("--no_amp")  # the tiny model is fastest and exact in fp32 on a CPU
     return argv
+
+
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The subcommand (the first word that is not a flag), before any parsing."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,9 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     known, _ = pre.parse_known_args(argv)
     try:
         pm = build_plugin_manager(known.plugin, trace=True if known.trace_plugins else None)
-        registry = set_plugin_manager(pm)
+        registry = collect_registry(pm)
         return _main(argv, pm, registry)
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
         if os.environ.get(ENV_DEBUG, "") not in ("", "0"):
             traceback.print_exc()
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
@@ -191,67 +178,124 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str], pm, registry: Registry) -> int:
+    command = _command_name(argv)
+    parser = build_parser(pm, registry, command)
+    if command == "demo":
+        demo_args, extra = parser.parse_known_args(argv)
+        device = _device()
+        eval_argv = demo_eval_argv(demo_args.output_dir, registry, device) + extra
+        print(f"demo: {PROG} {' '.join(eval_argv)}", file=sys.stderr)
+        args = build_parser(pm, registry, "eval").parse_args(eval_argv)
+        run_eval(args, pm, registry)
+        out = os.path.join(demo_args.output_dir, "results")
+        print(f"demo: wrote {out}.json, {out}_predictions.csv and {out}_groups.png", file=sys.stderr)
+        return 0
+    args = parser.parse_args(argv)
+    which = getattr(args, "which", None)
+    if which is None:
+        parser.print_help()
+        return 0
+    if which == "plugins":
+        print(json.dumps(plugins_json(pm, registry), indent=1))
+        return 0
+    if which == "build":
+        import clip_benchmark.cli as cb_cli
+
+        cb_cli.main_build(args)
+        return 0
+    if which == "eval":
+        run_eval(args, pm, registry)
+        return 0
+    spec = registry.commands[which]
+    status = spec.run(args, CommandContext(registry=registry, plugin_manager=pm))
+    return int(status or 0)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def own_runs(args: argparse.Namespace) -> list[argparse.Namespace] | None:
+    """clip_benchmark's model x dataset x language expansion, when every dataset is one our
+    engine reads and nothing needs clip_benchmark's collections; None otherwise (then
+    clip_benchmark's own ``main_eval`` runs, with group datasets routed to our engine)."""
+    from . import engine
+
+    if args.distributed:
+        return None
+    if args.pretrained_model:
+        names = args.pretrained_model if isinstance(args.pretrained_model, list) else [args.pretrained_model]
+        if any(os.path.isfile(n) or n.count(",") != 1 for n in names):
+            return None
+        models = [tuple(n.split(",")) for n in names]
+    else:
+        models = list(itertools.product(args.model, args.pretrained))
+    datasets = args.dataset if isinstance(args.dataset, list) else [args.dataset]
+    languages = args.language if isinstance(args.language, list) else [args.language]
+    for name in datasets:
+        probe = copy.copy(args)
+        probe.dataset = name
+        if os.path.isfile(name) or not engine.is_ours(probe):
+            return None
+    runs = []
+    for (model, pretrained), dataset, language in itertools.product(models, datasets, languages):
+        run_args = copy.copy(args)
+        run_args.model, run_args.pretrained, run_args.dataset, run_args.language = model, pretrained, dataset, language
+        for name in ("train_split", "val_split", "val_proportion"):
+            value = getattr(args, name)
+            setattr(run_args, name, value[0] if isinstance(value, list) and len(value) == 1 else value)
+        runs.append(run_args)
+    return runs
+
+
+def run_eval(args: argparse.Namespace, pm, registry: Registry) -> None:
+    """``eval``: our engine for our datasets, clip_benchmark's ``main_eval`` otherwise."""
+    runs = own_runs(args)
+    if runs is not None:
+        for run_args in runs:
+            run_one(run_args, registry)
+        return
     import clip_benchmark.cli as cb_cli
+
+    from . import engine
+    from .compat import clip_benchmark_patched
 
     holder: dict = {}
 
     def dispatch(run_args: argparse.Namespace):
-        run_args.device = _device()
-        root = engine.resolve_root(run_args)
-        zeroshot = run_args.task in ("auto", "zeroshot_classification")
-        # clip_benchmark's own classification shards: our engine, class-level metrics (other tasks: its run)
-        if engine.is_group_dataset(run_args.dataset, root) or (zeroshot and engine.is_class_only_wds(run_args.dataset, root)):
-            if run_args.task not in ("auto", "zeroshot_classification"):
-                raise engine.EvalError(
-                    f"{run_args.dataset}: task {run_args.task!r} is not available on group datasets here; "
-                    "use zeroshot_classification (with --mitigation)"
-                )
-            engine.run(run_args, registry)
+        if engine.is_ours(run_args):
+            run_one(run_args, registry)
             return 0
-        if run_args.mitigation:
-            raise engine.EvalError(
-                f"--mitigation needs a group dataset (robust/<name>, or wds/<name> whose root has groups.json); "
-                f"{run_args.dataset} at {root!r} has none"
-            )
-        ours = [flag for flag, on in (("--shard_pattern", run_args.shard_pattern is not None),
-                                      ("--allow_pipe_urls", run_args.allow_pipe_urls),
-                                      ("--skip_bad_samples", run_args.skip_bad_samples)) if on]
-        if ours:
-            raise engine.EvalError(f"{ours[0]} applies to datasets our engine reads; {run_args.dataset} runs through clip_benchmark")
+        engine.check_clip_benchmark_run(run_args)
         return holder["run"](run_args)
 
-    loaders = {name: spec.load for name, spec in registry.model_loaders.items()}
+    loaders = {name: spec.bind(registry) for name, spec in registry.model_loaders.items()}
     with clip_benchmark_patched(loaders, run=dispatch) as original_run:
         holder["run"] = original_run
-        parser = build_parser(pm, registry)
-        if argv and argv[0] == "demo":
-            demo_args, extra = parser.parse_known_args(argv)
-            eval_argv = demo_eval_argv(demo_args.output_dir, registry) + extra
-            print(f"demo: {PROG} {' '.join(eval_argv)}", file=sys.stderr)
-            args = parser.parse_args(eval_argv)
-        else:
-            args = parser.parse_args(argv)
-        which = getattr(args, "which", None)
-        if which is None:
-            parser.print_help()
-            return 0
-        if which == "plugins":
-            print(json.dumps(plugins_json(pm, registry), indent=1))
-            return 0
-        if which == "export_wds":
-            return export.run_export(args, pm, registry)
-        if which == "discover":
-            args.device = _device()
-            ravl.run_discover(args, registry)
-            return 0
-        if which == "build":
-            cb_cli.main_build(args)
-            return 0
         cb_cli.main_eval(args)
-        if argv and argv[0] == "demo":
-            out = os.path.join(demo_args.output_dir, "results")
-            print(f"demo: wrote {out}.json, {out}_predictions.csv and {out}_groups.png", file=sys.stderr)
-    return 0
+
+
+def run_one(args: argparse.Namespace, registry: Registry) -> None:
+    """One run through our engine: check, evaluate, print the table, write all-or-nothing."""
+    from . import engine, report
+    from .atomic import check_writable
+
+    args.device = _device()
+    out = engine.output_path(args)
+    if os.path.exists(out) and args.skip_existing:
+        if args.verbose:
+            print(f"Skip {out}, exists already.")
+        return
+    check_writable(out)
+    result = engine.run(args, registry)
+    if result is None:  # a torchrun worker rank: rank 0 reports
+        return
+    print(report.format_table(result), file=sys.stdout)
+    written = report.write_outputs(
+        result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state
+    )
+    if args.verbose:
+        for path in written:
+            print(f"Wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,13 +17,68 @@ restores them afterwards:
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
+import functools
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
-import torch
+
+def _module_source(module: str) -> ast.Module | None:
+    """The parsed source of an installed module, without importing it (None if unavailable)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    with open(spec.origin, encoding="utf-8") as fh:
+        return ast.parse(fh.read(), spec.origin)
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
+@functools.cache
+def clip_benchmark_model_types() -> tuple[str, ...]:
+    """clip_benchmark's ``--model_type`` names, read from its ``TYPE2FUNC`` literal without
+    importing clip_benchmark (which imports torch and open_clip); falls back to the import."""
+    tree = _module_source("clip_benchmark.models")
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TYPE2FUNC" for t in node.targets):
+            if isinstance(node.value, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.value.keys):
+                return tuple(k.value for k in node.value.keys)
+    from clip_benchmark.models import MODEL_TYPES
+
+    return tuple(MODEL_TYPES)
+
+
+def clip_benchmark_parser(model_types: list[str]) -> argparse.ArgumentParser:
+    """clip_benchmark's own ``eval``/``build`` parser, built from the source of its
+    ``get_parser_args`` with only argparse in scope (so ``--help`` does not import torch,
+    open_clip and every dataset module).  ``model_types`` are the ``--model_type`` choices.
+    If clip_benchmark's function ever needs more than that, it is imported and called."""
+    tree = _module_source("clip_benchmark.cli")
+    func = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_parser_args"), None) if tree else None
+    saved = sys.argv
+    sys.argv = ["clip_benchmark", "build", os.devnull]  # the builder parses sys.argv: give it a valid one
+    try:
+        if func is not None:
+            namespace: dict[str, Any] = {"argparse": argparse, "MODEL_TYPES": model_types}
+            try:
+                exec(compile(ast.Module(body=[func], type_ignores=[]), "<clip_benchmark.cli>", "exec"), namespace)
+                return namespace["get_parser_args"]()[0]
+            except NameError:
+                pass
+        import clip_benchmark.cli as cb_cli
+
+        return cb_cli.get_parser_args()[0]
+    finally:
+        sys.argv = saved
+
+
+def accuracy(output, target, topk=(1,)) -> list[float]:
     """clip_benchmark 1.6.2's top-k accuracy with ``.item()`` instead of ``float(array)``."""
     pred = output.topk(max(topk), 1, True, True)[1].t()
     correct = pred.eq(target.view(1, -1).expand_as(pred))

@@ -1,9 +1,9 @@
 """The evaluation engine: dataset -> features -> mitigations -> metrics -> results.
 
 It knows nothing about any particular dataset, metric or mitigation: all of them come
-from the registry, and a mitigation's declared :class:`~clip_robust_plugins.records.Needs`
-is the only thing the engine reads about it (to plan feature extraction and to
-record which labels each method used).
+from the registry it is handed.  A mitigation's declared :class:`~clip_robust_plugins.records.Needs`
+(and its ``check`` / ``feature_plan``) is all the engine reads about it.  It returns an
+:class:`~clip_robust_plugins.results.EvalResult`; printing and writing are the CLI's.
 """
 
 from __future__ import annotations
@@ -12,55 +12,25 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from . import distributed, states
+from . import states
 from .datasets.bad_samples import skipped_summary
 from .datasets.base import DatasetError, RobustDataset
 from .datasets.plain_wds import ClassOnlyShards, is_class_only_root
 from .datasets.sources import is_remote_root
 from .datasets.wds import GroupedShards, has_groups
-from .features import FeatureCache, FeatureExtractor, default_cache_dir
-from .mitigations.base import RunContext
+from .errors import EvalError
 from .plugins import PluginError, Registry
-from .records import DatasetRequest, Predictions
+from .records import DatasetRequest, MitigationSpec, Predictions
+from .results import EvalResult, MethodResult
 
-BASELINE = "zeroshot"
+if TYPE_CHECKING:  # pragma: no cover
+    from .mitigations.base import RunContext
+
 ROBUST_PREFIX = "robust/"
 WDS_PREFIX = "wds/"
-
-
-class EvalError(RuntimeError):
-    """A run cannot proceed; the message says why in one line."""
-
-
-@dataclass
-class MethodResult:
-    """One evaluated method: its predictions on the eval split and what it recorded."""
-
-    name: str
-    logits: torch.Tensor
-    pred: np.ndarray
-    metrics: dict[str, float | str]
-    info: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class EvalResult:
-    """Everything a run produced, before anything is written."""
-
-    dump: dict[str, Any]
-    keys: tuple[str, ...]
-    y: np.ndarray
-    group_names: list[str]
-    groups: np.ndarray
-    methods: list[MethodResult]
-    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def is_group_dataset(dataset: str, root: str) -> bool:
@@ -75,6 +45,35 @@ def is_group_dataset(dataset: str, root: str) -> bool:
 def is_class_only_wds(dataset: str, root: str) -> bool:
     """``wds/<name>`` whose local root is clip_benchmark's own classification shards (no groups.json)."""
     return dataset.startswith(WDS_PREFIX) and is_class_only_root(root)
+
+
+def is_ours(args: argparse.Namespace) -> bool:
+    """Whether this run goes to our engine: a group dataset, or a zero-shot run on
+    clip_benchmark's own local classification shards (class-level metrics)."""
+    root = resolve_root(args)
+    zeroshot = args.task in ("auto", "zeroshot_classification")
+    if is_group_dataset(args.dataset, root) or (zeroshot and is_class_only_wds(args.dataset, root)):
+        if not zeroshot:
+            raise EvalError(
+                f"{args.dataset}: task {args.task!r} is not available on group datasets here; "
+                "use zeroshot_classification (with --mitigation)"
+            )
+        return True
+    return False
+
+
+def check_clip_benchmark_run(args: argparse.Namespace) -> None:
+    """A run that goes to clip_benchmark must not carry flags only our engine reads."""
+    if args.mitigation:
+        raise EvalError(
+            f"--mitigation needs a group dataset (robust/<name>, or wds/<name> whose root has groups.json); "
+            f"{args.dataset} at {resolve_root(args)!r} has none"
+        )
+    ours = [flag for flag, on in (("--shard_pattern", args.shard_pattern is not None),
+                                  ("--allow_pipe_urls", args.allow_pipe_urls),
+                                  ("--skip_bad_samples", args.skip_bad_samples)) if on]
+    if ours:
+        raise EvalError(f"{ours[0]} applies to datasets our engine reads; {args.dataset} runs through clip_benchmark")
 
 
 def resolve_root(args: argparse.Namespace) -> str:
@@ -110,13 +109,96 @@ def _custom_names(path: str | None, dataset: str) -> Any:
     return None
 
 
-def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
-    """Run zero-shot and every requested mitigation on ``args.split``; compute all metrics.
+def baseline_spec(registry: Registry) -> MitigationSpec:
+    """The registered method marked ``baseline`` (zero-shot), evaluated first in every run."""
+    marked = [spec for spec in registry.mitigations.values() if spec.baseline]
+    if len(marked) != 1:
+        raise PluginError(f"exactly one mitigation must be marked baseline; found {[s.name for s in marked] or 'none'}")
+    return marked[0]
 
-    Under torchrun, every rank extracts its share of the features and only rank 0 goes on
-    (fits, predicts, scores); the other ranks return None.
+
+def build_context(args: argparse.Namespace, registry: Registry, dataset: RobustDataset, split: str,
+                  classnames: Sequence[str] | None = None, templates: Any = None) -> RunContext:
+    """The run context of ``eval`` (and of commands that read a dataset the same way, such as
+    ``discover``): the dataset, a feature extractor over the cache, and a model built on first use."""
+    from .features import FeatureCache, FeatureExtractor, default_cache_dir
+    from .mitigations.base import RunContext
+
+    spec = registry.model_loader(args.model_type)
+
+    def load_model():
+        model, transform, tokenizer = spec.bind(registry)(
+            model_name=args.model, pretrained=args.pretrained, cache_dir=args.model_cache_dir, device=args.device
+        )
+        model.eval()
+        return model, transform, tokenizer
+
+    ctx: RunContext | None = None
+    cache_dir = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
+    progress = bool(getattr(args, "verbose", True))
+    extractor = FeatureExtractor(
+        load_model=lambda: (ctx.model, ctx.transform),
+        registry=registry,
+        model_type=args.model_type,
+        model_name=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        amp=args.amp,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache=FeatureCache(cache_dir),
+        progress=progress,
+        skip_bad_samples=args.skip_bad_samples,
+    )
+    ctx = RunContext(
+        dataset=dataset,
+        dataset_name=args.dataset,
+        classnames=classnames or dataset.classnames,
+        templates=templates or dataset.templates,
+        load_model=load_model,
+        extractor=extractor,
+        registry=registry,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        options=args,
+        eval_split=split,
+        progress=progress,
+    )
+    return ctx
+
+
+def _plan(ctx, mitigations: dict, specs: list[MitigationSpec], saved: dict, eval_split: str) -> dict[str, list]:
+    """Every feature kind of every split any method reads, so each split is read once."""
+    from .features import kind_name
+
+    plan: dict[str, list] = {eval_split: ["image"]}
+
+    def add(split: str, kinds) -> None:
+        have = plan.setdefault(split, [])
+        names = {kind_name(k) for k in have}
+        have.extend(k for k in kinds if kind_name(k) not in names)
+
+    for spec in specs:
+        fitting = spec.name not in saved
+        for split in (eval_split, *(spec.needs.fit_splits if fitting else ())):
+            add(split, spec.needs.feature_kinds)
+        for split, kinds in mitigations[spec.name].feature_plan(ctx, fitting).items():
+            add(split, kinds)
+    return plan
+
+
+def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
+    """Run the baseline and every requested mitigation on ``args.split``; compute all metrics.
+
+    Every precondition is checked before the model is built or a feature extracted.  Under
+    torchrun, every rank extracts its share of the features and only rank 0 goes on (fits,
+    predicts, scores); the other ranks return None.
     """
-    methods = [BASELINE] + [m for m in dict.fromkeys(args.mitigation or []) if m != BASELINE]
+    from . import distributed
+
+    baseline = baseline_spec(registry)
+    methods = [baseline.name] + [m for m in dict.fromkeys(args.mitigation or []) if m != baseline.name]
     try:
         specs = [registry.mitigation(m) for m in methods]
     except PluginError as exc:
@@ -149,53 +231,23 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         raise EvalError(f"{len(classnames)} class names given for {len(dataset.schema.classnames)} classes")
     if not templates:
         raise EvalError(f"{args.dataset}: no prompt templates (zeroshot_classification_templates.txt or --custom_template_file)")
+    registry.model_loader(args.model_type)  # an unknown --model_type fails here, before any work
 
     dist = distributed.from_env(args.device)  # torchrun: this rank extracts its share
     if dist is not None:
         args.device = dist.device
-    loader = registry.model_loader(args.model_type)
-    model, transform, tokenizer = loader.load(
-        model_name=args.model, pretrained=args.pretrained, cache_dir=args.model_cache_dir, device=args.device
-    )
-    model.eval()
-    cache_dir = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
-    extractor = FeatureExtractor(
-        model,
-        transform,
-        model_type=args.model_type,
-        model_name=args.model,
-        pretrained=args.pretrained,
-        device=args.device,
-        amp=args.amp,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        cache=FeatureCache(cache_dir),
-        progress=args.verbose,
-        skip_bad_samples=args.skip_bad_samples,
-    )
-    ctx = RunContext(
-        dataset=dataset,
-        dataset_name=args.dataset,
-        classnames=classnames,
-        templates=templates,
-        model=model,
-        tokenizer=tokenizer,
-        transform=transform,
-        extractor=extractor,
-        device=args.device,
-        amp=args.amp,
-        seed=args.seed,
-        options=args,
-        eval_split=eval_split,
-        progress=args.verbose,
-    )
+    ctx = build_context(args, registry, dataset, eval_split, classnames, templates)
+    extractor = ctx.extractor
+    mitigations = {spec.name: spec.create(args) for spec in specs}
+    for spec in specs:  # preconditions, before the model is built or any feature extracted
+        try:
+            mitigations[spec.name].check(ctx)
+        except (ValueError, KeyError, DatasetError, PluginError) as exc:
+            raise EvalError(f"{spec.name}: {exc}") from None
+    if any(spec.needs.live_model and spec.name not in saved for spec in specs):
+        ctx.model  # noqa: B018 - a method runs the model itself: build it now, before the passes
     # One pass per split with every feature kind any method declared for it.
-    plan: dict[str, list[str]] = {eval_split: ["image"]}
-    for spec in specs:
-        fit_splits = () if spec.name in saved else spec.needs.fit_splits
-        for split in (eval_split, *fit_splits):
-            kinds = plan.setdefault(split, [])
-            kinds.extend(k for k in spec.needs.feature_kinds if k not in kinds)
+    plan = _plan(ctx, mitigations, specs, saved, eval_split)
     extractor.dist = dist
     for split, kinds in plan.items():
         if dist is None or dist.is_main:
@@ -213,8 +265,9 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
     fields = eval_fs.fields.numpy()
     provenance = {"model": args.model, "pretrained": args.pretrained, "classnames": list(classnames)}
     results: list[MethodResult] = []
+    extra_files: list = []
     for spec in specs:
-        mitigation = spec.create(args)
+        mitigation = mitigations[spec.name]
         t0 = time.perf_counter()
         loaded = saved.get(spec.name)
         if loaded is not None:
@@ -225,9 +278,10 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         t1 = time.perf_counter()
         logits = mitigation.predict(ctx, eval_split).float().cpu()
         t2 = time.perf_counter()
+        owner = registry.owner("mitigations", spec.name)
         if logits.shape != (len(eval_fs), ctx.n_classes):
             raise EvalError(
-                f"mitigation {spec.name!r} (plugin {registry.owner('mitigations', spec.name)!r}) returned logits of "
+                f"mitigation {spec.name!r} (plugin {owner!r}) returned logits of "
                 f"shape {tuple(logits.shape)}, expected {(len(eval_fs), ctx.n_classes)}"
             )
         pred = logits.argmax(dim=1).numpy()
@@ -239,7 +293,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
                     raise PluginError(f"metric key {key!r} produced twice (second time by metric {metric.name!r})")
                 metrics[key] = value
         info = {
-            "plugin": registry.owner("mitigations", spec.name),
+            "plugin": owner,
             "needs": spec.needs.to_json(),
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(t1 - t0, 4),
@@ -248,12 +302,13 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         }
         state = {k: v for k, v in mitigation.state_dict().items() if v is not None}
         results.append(MethodResult(spec.name, logits, pred, metrics, info, state))
+        extra_files += [(f"_{spec.name}_{name}.png", writer) for name, writer in mitigation.plots().items()]
 
     flat: dict[str, float | str] = {}
-    baseline = results[0]
+    first = results[0]
     for key in ("acc1", "acc5", "mean_per_class_recall"):
-        if key in baseline.metrics:
-            flat[key] = baseline.metrics[key]
+        if key in first.metrics:
+            flat[key] = first.metrics[key]
     for res in results:
         flat.update({f"{res.name}/{k}": v for k, v in res.metrics.items()})
     dump = {
@@ -266,12 +321,15 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         "robust": {
             "split": eval_split,
             "seed": args.seed,
+            "baseline": baseline.name,
             "methods": {r.name: r.info for r in results},
             "groups": schema.group_names(),
             "dataset_source": dataset.describe(),
             **({"note": note} if note else {}),
-            "feature_cache_dir": str(cache_dir) if cache_dir is not None else None,
+            "feature_cache_dir": str(ctx.extractor.cache.directory) if ctx.extractor.cache.directory else None,
             "feature_cache": ctx.cache_paths(),
+            "zeroshot_head_cache": ctx.head_cache_path,
+            "model_loaded": ctx.model_loaded,
             "processes": dist.world_size if dist is not None else 1,
             "features_extracted": extractor.extracted,
             **(
@@ -293,6 +351,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         groups=schema.group_ids(fields),
         methods=results,
         provenance={**provenance, "dataset": args.dataset},
+        extra_files=extra_files,
     )
 
 
@@ -311,27 +370,12 @@ def output_path(args: argparse.Namespace, task: str = "zeroshot_classification")
 
 
 def run(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
-    """One clip_benchmark-style run on a group dataset: evaluate, print, write atomically."""
-    from . import report
+    """Evaluate one clip_benchmark-style run on a group dataset; user errors become EvalError."""
+    from . import distributed
 
-    out = output_path(args)
-    if os.path.exists(out) and args.skip_existing:
-        if args.verbose:
-            print(f"Skip {out}, exists already.")
-        return None
     try:
-        result = evaluate(args, registry)
+        return evaluate(args, registry)
     except (DatasetError, PluginError, states.StateError) as exc:
         raise EvalError(str(exc)) from None
     finally:
         distributed.close_default()
-    if result is None:  # a torchrun worker rank: rank 0 reports
-        return None
-    print(report.format_table(result), file=sys.stdout)
-    written = report.write_outputs(
-        result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state
-    )
-    if args.verbose:
-        for path in written:
-            print(f"Wrote {path}")
-    return result

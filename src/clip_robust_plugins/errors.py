@@ -25,3 +25,7 @@ def one_line(exc: BaseException) -> str:
         last = next((line for line in reversed(lines) if line.strip()), lines[0])
         return _QUALIFIED.sub("", last, count=1) or lines[0]
     return lines[0]
+
+
+class EvalError(RuntimeError):
+    """A run cannot proceed; the message says why in one line."""

@@ -287,32 +287,6 @@ def export_wds(
 
 
 # ---------------------------------------------------------------------- command
-def add_parser(sub: argparse._SubParsersAction, pm) -> argparse.ArgumentParser:
-    """The ``export_wds`` subcommand, with every plugin's flags (a dataset reads its own)."""
-    parser = sub.add_parser(
-        "export_wds",
-        help="write a registered dataset as grouped WebDataset shards (readable by clip_benchmark's wds/)",
-        description="Export robust/NAME to DIR/{split}/N.tar + classnames.txt, templates and groups.json; "
-        "then `clip_benchmark eval --dataset wds/NAME --dataset_root DIR` reads it.",
-    )
-    parser.add_argument("--dataset", required=True, help="robust/NAME (see `clip_benchmark_robust plugins`)")
-    parser.add_argument("--dataset_root", required=True, help="where the source dataset is")
-    parser.add_argument("--output_dir", required=True, help="new or empty folder (or an earlier export) for the shards")
-    parser.add_argument("--splits", nargs="+", default=None, metavar="SPLIT", help="splits to export (default: all)")
-    parser.add_argument("--shard_size", type=int, default=1000, help="samples per tar shard (default: %(default)s)")
-    parser.add_argument(
-        "--num_workers", type=int, default=None,
-        help="processes that read and encode images (default: all cores; 0: this process only)",
-    )
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load MODULE as a plugin")
-    parser.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
-    parser.set_defaults(which="export_wds")
-    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
-        caller(parser=parser.add_argument_group(f"plugin {plugin_name}"))
-    return parser
-
-
 def plugin_option_names(pm, plugin: str) -> list[str]:
     """The option names (``dest``) of the flags ``plugin`` adds, by calling its hook on a scratch parser."""
     names: list[str] = []

@@ -1,6 +1,6 @@
 """Feature extraction with an on-disk cache.
 
-Image embeddings are computed once per (model, checkpoint, dataset, split, transform,
+Image embeddings are computed once per (model type, model, checkpoint, dataset, split,
 feature kind, precision, device type, software versions) and stored as one safetensors
 file per key, so several mitigations (and repeated runs) share one pass over the images.
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -51,7 +51,9 @@ from .distributed import DistContext
 from .errors import one_line
 from .groups import DEFAULT_GROUPING, GroupSchema
 
-CACHE_FORMAT = "clip_robust_plugins.features/2"
+CACHE_FORMAT = "clip_robust_plugins.features/3"
+#: the cache-key kind of a cached zero-shot text head
+HEAD_KIND = "zeroshot_head"
 ENV_CACHE_DIR = "CLIP_ROBUST_FEATURE_CACHE"
 
 
@@ -95,7 +97,10 @@ class CacheKey:
     dataset: str
     dataset_fingerprint: str
     split: str
-    transform: str
+    #: what an image-set kind derives from each sample (name, config, count); "" for plain
+    #: kinds.  The model's own preprocessing is not in the key: it is fixed by model type,
+    #: model, checkpoint and software versions, all in the key, so a warm run needs no model.
+    views: str
     kind: str
     amp: bool
     #: "cpu" or "cuda": kernels (and autocast's bf16 vs fp16) differ between them
@@ -109,10 +114,17 @@ class CacheKey:
 
 
 def software_versions() -> str:
-    """The library versions that feature values depend on (part of every cache key)."""
-    import open_clip
+    """The library versions that feature values depend on (part of every cache key); read
+    from the installed metadata, so computing a key imports neither library."""
+    import importlib.metadata
 
-    return f"torch={torch.__version__};open_clip={open_clip.__version__}"
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "none"
+
+    return f"torch={version('torch')};open_clip={version('open_clip_torch')}"
 
 
 def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -165,7 +177,6 @@ class FeatureCache:
         path = self.path(key)
         if path is None:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         keys_blob = "\n".join(fs.keys).encode("utf-8")
         fields = fs.fields.contiguous().long()
         tensors = {
@@ -184,10 +195,41 @@ class FeatureCache:
             "n": str(len(fs)),
             "sha256": _tensor_digest(tensors),
         }
+        self._write(path, tensors, meta)
+        return str(path)
+
+
+    def load_head(self, key: CacheKey) -> tuple[torch.Tensor | None, str | None]:
+        """A cached zero-shot head and its path, or (None, None)."""
+        path = self.path(key)
+        if path is None or not path.is_file():
+            return None, None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                head = fh.get_tensor("head")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            warnings.warn(f"feature cache {path}: unreadable zero-shot head ({exc}); rebuilding it", stacklevel=2)
+            return None, None
+        if meta.get("cache_key") != json.dumps(asdict(key), sort_keys=True) or not torch.isfinite(head).all():
+            warnings.warn(f"feature cache {path}: zero-shot head does not match its key; rebuilding it", stacklevel=2)
+            return None, None
+        return head, str(path)
+
+    def save_head(self, key: CacheKey, head: torch.Tensor) -> str | None:
+        path = self.path(key)
+        if path is None:
+            return None
+        meta = {"format": CACHE_FORMAT, "cache_key": json.dumps(asdict(key), sort_keys=True)}
+        self._write(path, {"head": head.detach().float().cpu().contiguous()}, meta)
+        return str(path)
+
+    def _write(self, path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=meta)
+            save_file(dict(tensors), tmp, metadata=dict(meta))
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
@@ -195,7 +237,6 @@ class FeatureCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return str(path)
 
 
 def _check_cache_entry(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], key: CacheKey, schema: GroupSchema) -> str | None:
@@ -362,6 +403,10 @@ class ImageSetKind:
     count: int
     config: str = ""
 
+    def describe(self) -> str:
+        """What enters the cache key: name, config and count."""
+        return f"{self.name}[{self.config}]x{self.count}"
+
 
 class _DerivedImages:
     """The sample transform behind an :class:`ImageSetKind`: derive, preprocess, stack."""
@@ -381,7 +426,7 @@ class _DerivedImages:
         return torch.stack([self.transform(image) for image in images])
 
     def __repr__(self) -> str:
-        return f"{self.kind.name}[{self.kind.config}]x{self.kind.count}({self.transform!r})"
+        return f"{self.kind.describe()}({self.transform!r})"
 
 
 FeatureKind = str | ImageSetKind
@@ -397,14 +442,12 @@ def autocast(device: str, enabled: bool):
     return torch.autocast(torch.device(device).type, enabled=enabled)
 
 
-def _resolve_checkpoint(model_type: str, model_name: str, pretrained: str) -> str:
+def _resolve_checkpoint(model_type: str, model_name: str, pretrained: str, registry: Any) -> str:
     """A registered checkpoint tag (``crp-tiny``/``spurious_shapes``) as the file it names,
     so the cache notices when a package update replaces the file."""
-    if model_type != "open_clip":
+    if model_type != "open_clip" or registry is None:
         return pretrained
-    from .plugins import get_registry
-
-    checkpoint = get_registry().checkpoint(model_name, pretrained)
+    checkpoint = registry.checkpoint(model_name, pretrained)
     return str(checkpoint.path) if checkpoint is not None and checkpoint.path.is_file() else pretrained
 
 
@@ -413,9 +456,11 @@ class FeatureExtractor:
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        transform: Callable,
+        model: torch.nn.Module | None = None,
+        transform: Callable | None = None,
         *,
+        load_model: Callable[[], tuple[torch.nn.Module, Callable]] | None = None,
+        registry: Any = None,
         model_type: str,
         model_name: str,
         pretrained: str,
@@ -427,11 +472,14 @@ class FeatureExtractor:
         progress: bool = True,
         skip_bad_samples: bool = False,
     ):
-        self.model = model
-        self.transform = transform
+        if (model is None) == (load_model is None):
+            raise ValueError("FeatureExtractor needs either model and transform, or load_model")
+        self._model = model
+        self._transform = transform
+        self._load_model = load_model
         self.model_type = model_type
         self.model_name = model_name
-        self.pretrained_id = pretrained_identity(_resolve_checkpoint(model_type, model_name, pretrained))
+        self.pretrained_id = pretrained_identity(_resolve_checkpoint(model_type, model_name, pretrained, registry))
         self.device = device
         self.amp = amp
         self.batch_size = batch_size
@@ -446,8 +494,19 @@ class FeatureExtractor:
         #: split -> the samples dropped from it (those splits' features are never cached)
         self.skipped_samples: dict[str, list[SkippedSample]] = {}
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model, built on first use (only a cache miss needs it)."""
+        if self._model is None:
+            self._model, self._transform = self._load_model()
+        return self._model
+
+    @property
+    def transform(self) -> Callable:
+        self.model  # noqa: B018 - builds the model and its transform together
+        return self._transform
+
     def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: FeatureKind) -> CacheKey:
-        transform = _DerivedImages(kind, self.transform) if isinstance(kind, ImageSetKind) else self.transform
         return CacheKey(
             model_type=self.model_type,
             model=self.model_name,
@@ -455,11 +514,20 @@ class FeatureExtractor:
             dataset=dataset_name,
             dataset_fingerprint=dataset.fingerprint(split),
             split=split,
-            transform=repr(transform),
+            views=kind.describe() if isinstance(kind, ImageSetKind) else "",
             kind=kind_name(kind),
             amp=self.amp,
-            device_type=torch.device(self.device).type,
+            device_type=str(self.device).split(":")[0],
             software=software_versions(),
+        )
+
+    def head_key(self, classnames: Sequence[str], templates: Any) -> CacheKey:
+        """The cache key of the zero-shot text head (model, checkpoint, class names, templates)."""
+        digest = hashlib.sha256(json.dumps([list(classnames), templates], sort_keys=True).encode()).hexdigest()[:32]
+        return CacheKey(
+            model_type=self.model_type, model=self.model_name, pretrained=self.pretrained_id,
+            dataset="", dataset_fingerprint=digest, split="", views="", kind=HEAD_KIND, amp=self.amp,
+            device_type=str(self.device).split(":")[0], software=software_versions(),
         )
 
     def extract(
@@ -509,7 +577,7 @@ class FeatureExtractor:
             share: Any = self._pass(dataset, split, kinds, self.dist.rank, self.dist.world_size)
         except Exception as exc:  # noqa: BLE001 - sent to rank 0 and re-raised on every rank
             share = exc
-        shares = self.dist.gather(share if not isinstance(share, Exception) else _RankFailure(str(exc_line(share))))
+        shares = self.dist.gather(share if not isinstance(share, Exception) else _RankFailure(one_line(share)))
         if isinstance(share, Exception):
             raise share
         if shares is None:
@@ -626,11 +694,3 @@ class _RankFailure:
 
     message: str
 
-
-def exc_line(exc: BaseException) -> str:
-    """The first line of an exception's message (torch wraps worker errors in many lines: unwrapped)."""
-    return one_line(exc)
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -76,6 +76,14 @@ def register_region_proposers(register: Callable) -> None:
 
 
 @hookspec
+def register_commands(register: Callable) -> None:
+    """Register subcommands of ``clip_benchmark_robust``: ``register(CommandSpec(...))``.
+
+    ``discover`` (RaVL) and ``report`` are built-in commands registered this way.
+    """
+
+
+@hookspec
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     """Add command-line flags to ``eval`` (and ``demo``), like tox's ``tox_add_option``.
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib
 import importlib.metadata
@@ -26,6 +27,7 @@ import pluggy
 from . import hookspecs
 from .records import (
     CheckpointSpec,
+    CommandSpec,
     DatasetSpec,
     MetricSpec,
     MitigationSpec,
@@ -53,6 +55,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.cfr",
     "clip_robust_plugins.mitigations.ravl",
     "clip_robust_plugins.mitigations.seraser",
+    "clip_robust_plugins.export_command",
 )
 
 
@@ -146,6 +149,7 @@ class Registry:
     checkpoints: dict[str, CheckpointSpec] = field(default_factory=dict)
     view_providers: dict[str, ViewProviderSpec] = field(default_factory=dict)
     region_proposers: dict[str, RegionProposerSpec] = field(default_factory=dict)
+    commands: dict[str, CommandSpec] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def owner(self, kind: str, name: str) -> str:
@@ -188,7 +192,10 @@ _HOOKS: tuple[tuple[str, str, type], ...] = (
     ("register_checkpoints", "checkpoints", CheckpointSpec),
     ("register_view_providers", "view_providers", ViewProviderSpec),
     ("register_region_proposers", "region_proposers", RegionProposerSpec),
+    ("register_commands", "commands", CommandSpec),
 )
+#: registry tables listed per plugin by ``clip_benchmark_robust plugins``
+REGISTRY_KINDS = tuple(kind for _, kind, _ in _HOOKS)
 
 
 def per_plugin_callers(pm: pluggy.PluginManager, hook_name: str) -> Iterable[tuple[str, Callable]]:
@@ -287,3 +294,23 @@ def set_plugin_manager(pm: pluggy.PluginManager | None) -> Registry | None:
         return None
     _default = (pm, collect_registry(pm))
     return _default[1]
+
+
+def plugin_parent_parser() -> argparse.ArgumentParser:
+    """The ``--plugin`` / ``--trace_plugins`` flags every subcommand shares (an argparse parent)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("plugins")
+    group.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help="import MODULE as a plugin for this run (repeatable), like `pytest -p`",
+    )
+    group.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
+    return parent
+
+
+def add_plugin_flags(parser: argparse.ArgumentParser, pm: pluggy.PluginManager,
+                     only: Callable[[str], bool] | None = None) -> None:
+    """Every plugin's ``add_arguments`` flags, one argument group per plugin (``only`` filters by plugin name)."""
+    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
+        if only is None or only(plugin_name):
+            caller(parser=parser.add_argument_group(f"plugin {plugin_name}"))

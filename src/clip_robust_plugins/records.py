@@ -88,7 +88,8 @@ class Needs:
     - ``feature_kinds``: extractor outputs the method reads (``"image"`` = L2-normalised
       image embeddings; later kinds: pre-projection features, views, regions).
     - ``live_model``: the method runs the open_clip model itself (gradients through a
-      tower, e.g. test-time prompt tuning), so the model must stay loaded.
+      tower, e.g. test-time prompt tuning, or fine-tuning).  When no method needs it and
+      every feature and the zero-shot head are cached, a run never builds the model.
     """
 
     fit_splits: tuple[str, ...] = ()
@@ -117,6 +118,9 @@ class MitigationSpec:
     #: extra ``eval`` flags the offline demo passes for this method (settings chosen for the
     #: tiny model and spurious_shapes, where they differ from the method's defaults)
     demo_flags: tuple[str, ...] = ()
+    #: the method every run evaluates first and compares the others with (exactly one
+    #: registered method, zero-shot, sets this)
+    baseline: bool = False
 
 
 ModelTriple = tuple["torch.nn.Module", Callable, Callable]
@@ -128,10 +132,46 @@ class ModelLoaderSpec:
 
     Returns ``(model, transform, tokenizer)`` exactly like clip_benchmark's loaders, so a
     registered loader is also offered to clip_benchmark's own tasks as ``--model_type``.
+    A loader that resolves other registrations (checkpoints, other model types) sets
+    ``takes_registry`` and is then also passed ``registry=`` (see :meth:`bind`).
     """
 
     name: str
     load: Callable[..., ModelTriple]
+    description: str = ""
+    takes_registry: bool = False
+
+    def bind(self, registry: Any) -> Callable[..., ModelTriple]:
+        """The loader with clip_benchmark's signature, handed ``registry`` when it takes one."""
+        if not self.takes_registry:
+            return self.load
+        import functools
+
+        return functools.partial(self.load, registry=registry)
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """What a subcommand is handed: the run's registry and plugin manager."""
+
+    registry: Any  # plugins.Registry
+    plugin_manager: Any  # pluggy.PluginManager
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A ``clip_benchmark_robust`` subcommand.
+
+    ``add_arguments(parser, ctx)`` fills its own argparse parser (called only when that
+    subcommand runs or asks for ``--help``); ``run(args, ctx)`` does the work and returns an
+    exit status (None = 0).  An error in the user's input raises one of the package's error
+    types (``EvalError``, ``DatasetError``, ``PluginError``, ...), shown as one line.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser, CommandContext], None]
+    run: Callable[[argparse.Namespace, CommandContext], int | None]
     description: str = ""
 
 

@@ -11,12 +11,10 @@ import csv
 import functools
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from .engine import EvalResult
+from .atomic import write_files
+from .results import EvalResult
 from .states import write_state
 
 SUMMARY_ROWS = (
@@ -131,28 +129,6 @@ def write_outputs(
         targets.append((plot_path(results_path), _write_plot))
     if save_states:
         targets += [(state_path(results_path, m.name), _state_writer(m)) for m in result.methods if m.state]
+    base = results_path[: -len(".json")] if results_path.endswith(".json") else results_path
+    targets += [(base + suffix, lambda _result, path, w=writer: w(path)) for suffix, writer in result.extra_files]
     return write_files([(target, functools.partial(writer, result)) for target, writer in targets])
-
-
-def write_files(targets: Sequence[tuple[str, Callable[[str], None]]]) -> list[str]:
-    """Write several files all-or-nothing: each ``writer(tmp_path)`` fills a staged temporary file
-    beside its target, and only when every writer succeeded are they renamed into place."""
-    staged: list[tuple[str, str]] = []
-    try:
-        for target, writer in targets:
-            directory = os.path.dirname(os.path.abspath(target))
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".partial", dir=directory)
-            os.close(fd)
-            staged.append((tmp, target))
-            writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp, target in staged:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
-            os.replace(tmp, target)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return [t for t, _ in targets]

@@ -12,11 +12,10 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 STATE_FORMAT = "clip_robust_plugins.state/1"
 
@@ -35,12 +34,16 @@ class SavedState:
 
 def write_state(path: str, method: str, tensors: Mapping[str, torch.Tensor], provenance: Mapping[str, Any]) -> None:
     """Write one state file (callers stage it to a temporary name and rename it)."""
+    from safetensors.torch import save_file
+
     metadata = {"format": STATE_FORMAT, "method": method}
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in provenance.items()})
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
 
 
 def read_state(path: str) -> SavedState:
+    from safetensors import SafetensorError, safe_open
+
     if not os.path.isfile(path):
         raise StateError(f"{path}: state file not found")
     try:
@@ -74,7 +77,7 @@ def check_compatible(state: SavedState, expected: Mapping[str, Any]) -> None:
             raise StateError(f"{state.path}: fitted with {key}={stored}, but this run has {key}={wanted}")
 
 
-def load_base_model(path: str, method: str, model_name: str | None, cache_dir: str | None, device: Any):
+def load_base_model(path: str, method: str, model_name: str | None, cache_dir: str | None, device: Any, registry: Any):
     """The base model a state file of ``method`` was fitted on: ``(state, model, transform, tokenizer)``.
 
     For model types that turn a state file into an open_clip-compatible model
@@ -82,9 +85,6 @@ def load_base_model(path: str, method: str, model_name: str | None, cache_dir: s
     names the base model and checkpoint, loaded through the model type the fit used
     (``hyperparameters.model_type``, open_clip by default); ``--model`` must match.
     """
-    from .models import load_open_clip
-    from .plugins import get_registry
-
     state = read_state(path)
     if state.method != method:
         raise StateError(f"{path}: a state of method {state.method!r}, not {method!r}")
@@ -100,6 +100,6 @@ def load_base_model(path: str, method: str, model_name: str | None, cache_dir: s
         base_type = json.loads(state.metadata.get("hyperparameters", "{}")).get("model_type") or "open_clip"
     except ValueError:
         base_type = "open_clip"
-    loader = load_open_clip if base_type == "open_clip" else get_registry().model_loader(base_type).load
+    loader = registry.model_loader(base_type).bind(registry)
     model, transform, tokenizer = loader(model_name=base_model, pretrained=base_pretrained, cache_dir=cache_dir, device=device)
     return state, model, transform, tokenizer

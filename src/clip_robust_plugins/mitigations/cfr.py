@@ -109,7 +109,8 @@ from ..features import (
 from ..hookspecs import hookimpl
 from ..records import MitigationSpec, ModelLoaderSpec, Needs
 from ..states import StateError, load_base_model
-from .base import AdaptedCLIP, Mitigation, RunContext
+from .adapted import AdaptedCLIP
+from .base import Mitigation, RunContext
 
 NAME = "cfr"
 FEATURE_KIND = "preproj"
@@ -577,7 +578,8 @@ class CFR(Mitigation):
 # --------------------------------------------------------------------------- model loader
 
 
-def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = None, device: str | torch.device = "cpu"):
+def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = None, device: str | torch.device = "cpu", *,
+                   registry=None):
     """``--model_type cfr --model BASE --pretrained STATE``: the base model with the fitted CFR head.
 
     ``STATE`` is a ``<output>_state_cfr.safetensors`` file; its metadata names the base
@@ -585,7 +587,7 @@ def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = Non
     :func:`clip_robust_plugins.models.load_open_clip` (or, when the fit recorded another
     ``--model_type``, through that registered loader).  Returns ``(model, transform, tokenizer)``.
     """
-    state, model, transform, tokenizer = load_base_model(pretrained, NAME, model_name, cache_dir, device)
+    state, model, transform, tokenizer = load_base_model(pretrained, NAME, model_name, cache_dir, device, registry)
     cfr = CFR()
     cfr.load_state_dict(state.tensors)
     model = apply_head(model, cfr.head_type, cfr.head_state)
@@ -647,5 +649,6 @@ def register_model_loaders(register):
         ModelLoaderSpec(
             NAME, load_cfr_model,
             "a base open_clip model with a fitted CFR head: --model BASE --pretrained <output>_state_cfr.safetensors",
+            takes_registry=True,
         )
     )

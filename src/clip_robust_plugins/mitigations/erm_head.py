@@ -9,16 +9,18 @@ the correlation; DFR (group-balanced retraining) is what fixes that.
 from __future__ import annotations
 
 import argparse
-
-import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegression
+from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
 from ..records import MitigationSpec, Needs
 from .base import Mitigation, RunContext
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 NAME = "erm_head"
+#: the logit of a class absent from training: finite (non-finite logits are an error), never the argmax
+NEVER = -1e9
 
 
 class ERMHead(Mitigation):
@@ -33,6 +35,10 @@ class ERMHead(Mitigation):
         self.intercept: torch.Tensor | None = None  # (C,)
 
     def fit(self, ctx: RunContext) -> None:
+        import numpy as np
+        import torch
+        from sklearn.linear_model import LogisticRegression
+
         fs = ctx.features(self.split)
         x, y = fs.features.numpy(), fs.y.numpy()
         seed = int(ctx.rng(NAME).integers(2**31 - 1))
@@ -47,7 +53,7 @@ class ERMHead(Mitigation):
             coef[clf.classes_] = clf.coef_
             intercept[clf.classes_] = clf.intercept_
             absent = np.setdiff1d(np.arange(ctx.n_classes), clf.classes_)
-            intercept[absent] = -np.inf  # a class never seen in training is never predicted
+            intercept[absent] = NEVER  # a class never seen in training is never predicted
         self.coef = torch.from_numpy(coef).float()
         self.intercept = torch.from_numpy(intercept).float()
 

@@ -259,12 +259,10 @@ def region_kind(proposer: Callable) -> ImageSetKind:
                         config=proposer.config)
 
 
-def make_proposer(options: argparse.Namespace) -> tuple[str, Callable]:
+def make_proposer(options: argparse.Namespace, registry) -> tuple[str, Callable]:
     """The region proposer named by ``--ravl_regions`` (a registered one, built-in or third party)."""
-    from ..plugins import get_registry
-
     name = getattr(options, "ravl_regions", None) or "quadrants"
-    spec = get_registry().region_proposer(name)
+    spec = registry.region_proposer(name)
     proposer = spec.create(options)
     if not isinstance(getattr(proposer, "count", None), int) or proposer.count < 1 or not hasattr(proposer, "config"):
         from ..plugins import PluginError
@@ -834,17 +832,9 @@ def write_sheet(path: str, run: DiscoveryRun, samples: Mapping[str, SampleImage]
 # =========================================================================== the discover command
 
 
-def add_discover_parser(sub: argparse._SubParsersAction, pm) -> argparse.ArgumentParser:
+def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None:
     """The ``discover`` subcommand: clip_benchmark's flag names, plus every plugin's flags (datasets, ``--ravl_*``)."""
-    from ..plugins import per_plugin_callers
-
-    parser = sub.add_parser(
-        "discover", help="RaVL: find the image regions a model has learned to tie spuriously to a class (no group labels)",
-        description="Region-level discovery of learned spurious correlations (RaVL) on a class-labelled split; "
-                    "writes a JSON report and a PNG sheet beside it.",
-    )
-    if not parser.prog.startswith("clip_benchmark_robust"):  # the subparsers' prefix is clip_benchmark's
-        parser.prog = parser.prog.replace("clip_benchmark", "clip_benchmark_robust", 1)
+    from ..plugins import add_plugin_flags
     parser.add_argument("--dataset", required=True, help="a group dataset: robust/<name> or wds/<name> with groups.json")
     parser.add_argument("--dataset_root", default="root", help="dataset root, clip_benchmark's templating ({dataset})")
     parser.add_argument("--model", required=True, help="open_clip model name (e.g. ViT-B-32, crp-tiny)")
@@ -862,12 +852,27 @@ def add_discover_parser(sub: argparse._SubParsersAction, pm) -> argparse.Argumen
     parser.add_argument("--output", default="ravl_discovery.json",
                         help="report JSON path; the PNG sheet goes beside it with the extension .png")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load MODULE as a plugin")
-    parser.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
-    parser.set_defaults(which="discover")
-    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
-        caller(parser=parser.add_argument_group(f"plugin {plugin_name}"))
-    return parser
+    add_plugin_flags(parser, command_ctx.plugin_manager)
+
+
+def _run_discover_command(args: argparse.Namespace, command_ctx) -> int:
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_discover(args, command_ctx.registry)
+    return 0
+
+
+@hookimpl
+def register_commands(register):
+    from ..records import CommandSpec
+
+    register(CommandSpec(
+        "discover", "RaVL: find the image regions a model has learned to tie spuriously to a class (no group labels)",
+        add_discover_arguments, _run_discover_command,
+        description="Region-level discovery of learned spurious correlations (RaVL) on a class-labelled split; "
+                    "writes a JSON report and a PNG sheet beside it.",
+    ))
 
 
 def sheet_path(report_path: str) -> str:
@@ -878,43 +883,26 @@ def sheet_path(report_path: str) -> str:
 def context_from_args(args: argparse.Namespace, registry) -> RunContext:
     """The run context of a ``discover`` command (dataset, model, extractor), like ``eval`` builds it."""
     from .. import engine
-    from ..cli import add_robust_eval_flags
-    from ..features import default_cache_dir
 
-    # the engine's dataset loading reads eval's data flags (e.g. --shard_pattern): take their defaults
-    scratch = argparse.ArgumentParser(add_help=False)
-    add_robust_eval_flags(scratch)
-    for name, value in vars(scratch.parse_args([])).items():
+    for name, value in (("feature_cache", None), ("no_feature_cache", False), ("shard_pattern", None),
+                        ("allow_pipe_urls", False), ("skip_bad_samples", False)):
         if not hasattr(args, name):
             setattr(args, name, value)
+    args.verbose = not args.quiet
     dataset = engine.load_dataset(args, registry)
     if args.split not in dataset.splits():
         raise engine.EvalError(f"{args.dataset} has no split {args.split!r} (splits: {list(dataset.splits())})")
-    loader = registry.model_loader(args.model_type)
-    model, transform, tokenizer = loader.load(model_name=args.model, pretrained=args.pretrained,
-                                              cache_dir=args.model_cache_dir, device=args.device)
-    model.eval()
-    cache_dir = None if args.no_feature_cache else (args.feature_cache or default_cache_dir())
-    extractor = FeatureExtractor(
-        model, transform, model_type=args.model_type, model_name=args.model, pretrained=args.pretrained,
-        device=args.device, amp=args.amp, batch_size=args.batch_size, num_workers=args.num_workers,
-        cache=FeatureCache(cache_dir), progress=not args.quiet,
-    )
-    return RunContext(
-        dataset=dataset, dataset_name=args.dataset, classnames=dataset.classnames, templates=dataset.templates,
-        model=model, tokenizer=tokenizer, transform=transform, extractor=extractor, device=args.device, amp=args.amp,
-        seed=args.seed, options=args, eval_split=args.split, progress=not args.quiet,
-    )
+    return engine.build_context(args, registry, dataset, args.split)
 
 
 def run_discover(args: argparse.Namespace, registry) -> dict[str, Any]:
     """``clip_benchmark_robust discover``: discovery, then the JSON report and PNG sheet, written atomically."""
     from .. import engine
-    from ..report import write_files
+    from ..atomic import write_files
 
     t0 = time.perf_counter()
     ctx = context_from_args(args, registry)
-    proposer_name, proposer = make_proposer(args)
+    proposer_name, proposer = make_proposer(args, registry)
     t_setup = time.perf_counter()  # dataset (generated on first use) and model loading
     try:
         run = discover(ctx, args.split, proposer_name, proposer, discovery_config(args),
@@ -1204,7 +1192,7 @@ class RegionAwareFineTune(Mitigation):
         t0 = time.perf_counter()
         proposer = None
         if self.region_aware:
-            proposer_name, proposer = make_proposer(self.options)
+            proposer_name, proposer = make_proposer(self.options, ctx.registry)
             self.discovery = discover(ctx, cfg.discovery_split, proposer_name, proposer, self.discovery_config,
                                       truth_key=getattr(self.options, "ravl_truth_key", None) or "spurious_box")
             self.train_spurious = self._spurious_train_regions(ctx, proposer)
@@ -1380,8 +1368,9 @@ def apply_visual_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
 def load_finetuned_model(method: str):
     """A model loader for ``--model_type ravl|clip_ft --model BASE --pretrained <output>_state_<method>.safetensors``."""
 
-    def load(model_name: str, pretrained: str, cache_dir: str | None = None, device: str | torch.device = "cpu"):
-        state, model, transform, tokenizer = load_base_model(pretrained, method, model_name, cache_dir, device)
+    def load(model_name: str, pretrained: str, cache_dir: str | None = None, device: str | torch.device = "cpu", *,
+             registry=None):
+        state, model, transform, tokenizer = load_base_model(pretrained, method, model_name, cache_dir, device, registry)
         fitted = RegionAwareFineTune(method, FineTuneConfig())
         fitted.load_state_dict(state.tensors)
         return apply_visual_state(model, fitted.visual_state).to(device).eval(), transform, tokenizer
@@ -1496,4 +1485,4 @@ def register_model_loaders(register):
     for method in (NAME, BASELINE):
         register(ModelLoaderSpec(method, load_finetuned_model(method),
                                  f"a base open_clip model with the image tower fine-tuned by {method}: "
-                                 f"--model BASE --pretrained <output>_state_{method}.safetensors"))
+                                 f"--model BASE --pretrained <output>_state_{method}.safetensors", takes_registry=True))

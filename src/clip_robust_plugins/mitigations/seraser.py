@@ -140,7 +140,7 @@ from tqdm.auto import tqdm
 
 from ..argtypes import at_least, config_from_options, positive_float
 from ..datasets.base import DatasetError, SampleImage
-from ..engine import EvalError
+from ..errors import EvalError
 from ..features import ImageSetKind, autocast, encode_image_normalized
 from ..hookspecs import hookimpl
 from ..plugins import PluginError
@@ -668,14 +668,23 @@ class SEraser(Mitigation):
         provider_plugin: str | None = None,
     ):
         self.config = config or SEraserConfig()
-        self.provider = provider if provider is not None else MaskViews(ViewOptions())
+        self.provider = provider
         self.provider_name = provider_name
         self.provider_plugin = provider_plugin
         self.encoder: PromptEncoder | None = None
         self._info: dict[str, Any] = {}
 
+    def check(self, ctx: RunContext) -> None:
+        """Resolve the view provider from the run's registry (unless one was given)."""
+        if self.provider is None:
+            spec = ctx.registry.view_provider(self.config.views)
+            self.provider = spec.create(ctx.options)
+            self.provider_name = spec.name
+            self.provider_plugin = ctx.registry.owner("view_providers", spec.name)
+
     def fit(self, ctx: RunContext) -> None:
         """Nothing is fitted before test; this checks the text tower and builds the prompts early."""
+        self.check(ctx)
         self._encoder(ctx)
 
     def _encoder(self, ctx: RunContext) -> PromptEncoder:
@@ -786,8 +795,6 @@ def view_options(options: argparse.Namespace) -> ViewOptions:
 
 
 def _create(options: argparse.Namespace) -> SEraser:
-    from ..plugins import get_registry
-
     d = SEraserConfig()
 
     def opt(name):
@@ -801,10 +808,7 @@ def _create(options: argparse.Namespace) -> SEraser:
         batch_size=opt("batch_size"), logit_scale=getattr(options, "seraser_logit_scale", d.logit_scale),
         black_view=not getattr(options, "seraser_no_black_view", False), cpu_threads=opt("cpu_threads"),
     )
-    registry = get_registry()
-    spec = registry.view_provider(config.views)
-    provider = spec.create(options)
-    return SEraser(config, provider, spec.name, registry.owner("view_providers", spec.name))
+    return SEraser(config, None, config.views)
 
 
 @hookimpl

@@ -6,11 +6,14 @@ text head and precision, so ``zeroshot/acc1`` equals ``clip_benchmark eval``'s a
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
 from ..records import MitigationSpec, Needs
 from .base import Mitigation, RunContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 NAME = "zeroshot"
 
@@ -37,5 +40,6 @@ def register_mitigations(register):
             needs=Needs(),
             description="zero-shot CLIP with the dataset's class names and templates (the baseline)",
             citation="Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021",
+            baseline=True,
         )
     )
