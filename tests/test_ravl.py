@@ -365,7 +365,7 @@ def test_discovery_reads_no_group_labels(quadrants_flags, tmp_path, monkeypatch)
         args = parser.parse_args(["discover", *quadrants_flags, "--no_feature_cache", "--quiet"])
         args.device = "cpu"
         ctx = ravl.context_from_args(args, registry)
-        name, proposer = ravl.make_proposer(args)
+        name, proposer = ravl.make_proposer(args, registry)
         first = ravl.discover(ctx, "val", name, proposer)
         image = ctx.features("val")
         fields = image.fields.clone()
