@@ -288,7 +288,8 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         preds = Predictions(spec.name, eval_split, eval_fs.keys, pred, fields, schema, logits.numpy())
         metrics: dict[str, float | str] = {}
         for metric in registry.metrics.values():
-            for key, value in metric.compute(preds).items():
+            values = metric.compute(preds, ctx=ctx, mitigation=mitigation) if metric.takes_context else metric.compute(preds)
+            for key, value in values.items():
                 if key in metrics:
                     raise PluginError(f"metric key {key!r} produced twice (second time by metric {metric.name!r})")
                 metrics[key] = value

@@ -25,7 +25,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from .groups import DEFAULT_GROUPING
 from .hookspecs import hookimpl
@@ -75,6 +74,18 @@ def group_metrics(
     return out
 
 
+def worst_group_accuracy(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+    """Accuracy of the worst non-empty group (NaN when there are no samples): what model
+    selection and hyperparameter choice inside DFR and CFR maximise."""
+    pred, y, groups = np.asarray(pred), np.asarray(y), np.asarray(groups)
+    if groups.size == 0:
+        return math.nan
+    counts = np.bincount(groups)
+    hits = np.bincount(groups, weights=(pred == y).astype(np.float64), minlength=counts.size)
+    present = counts > 0
+    return float((hits[present] / counts[present]).min())
+
+
 def class_metrics(pred: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, float]:
     """Worst-class accuracy and balanced accuracy (mean recall over classes present)."""
     pred, y = np.asarray(pred), np.asarray(y)
@@ -94,6 +105,8 @@ def topk_accuracies(logits: np.ndarray, y: np.ndarray, ks: Sequence[int]) -> lis
     Like clip_benchmark, takes ``torch.topk(max(ks))`` once and slices it, so ties
     (common in bf16 logits) break exactly as there and acc1 matches on the same logits.
     """
+    import torch
+
     top = torch.from_numpy(np.ascontiguousarray(logits)).topk(max(ks), 1, True, True)[1]
     correct = top == torch.as_tensor(np.asarray(y)).view(-1, 1)
     return [correct[:, :k].any(dim=1).sum().item() / len(y) for k in ks]

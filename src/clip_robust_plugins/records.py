@@ -70,12 +70,15 @@ class MetricSpec:
     """A metric: ``compute(predictions)`` returns flat ``{key: float | str}``.
 
     Keys are relative (``worst_group_acc``, ``group_acc/<group>``); the engine prefixes
-    them with ``<method>/``.  Fractions are in [0, 1].
+    them with ``<method>/``.  Fractions are in [0, 1].  A metric that needs more than the
+    predictions (the method's image encoder, e.g. region-level accuracy) sets
+    ``takes_context`` and is called ``compute(predictions, ctx=RunContext, mitigation=Mitigation)``.
     """
 
     name: str
-    compute: Callable[[Predictions], Mapping[str, float | str]]
+    compute: Callable[..., Mapping[str, float | str]]
     description: str = ""
+    takes_context: bool = False
 
 
 @dataclass(frozen=True)
