@@ -443,10 +443,10 @@ def phase_probe(spec: dict) -> dict:
     from clip_robust_plugins.datasets.wds import GroupedShards
     from clip_robust_plugins.features import FeatureCache, FeatureExtractor
     from clip_robust_plugins.models import load_open_clip
-    from clip_robust_plugins.plugins import build_plugin_manager, set_plugin_manager
+    from clip_robust_plugins.plugins import build_plugin_manager, collect_registry
 
     t0 = t()
-    set_plugin_manager(build_plugin_manager([]))
+    collect_registry(build_plugin_manager([]))
     phases["plugin manager + registry"] = t() - t0
     t0 = t()
     if spec.get("model_config"):

@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from clip_robust_plugins import cli, plugins
+from clip_robust_plugins import cli
 
 TRAIN_FLAGS = ["--ravl_epochs", "3", "--ravl_lr", "1e-4"]
 SETTINGS = (
@@ -37,10 +37,7 @@ SETTINGS = (
 
 def run(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    try:
-        rc = cli.main(argv)
-    finally:
-        plugins.set_plugin_manager(None)
+    rc = cli.main(argv)
     if rc != 0:
         raise SystemExit(f"failed (exit {rc}): clip_benchmark_robust {' '.join(argv)}")
     return time.perf_counter() - t0

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from clip_robust_plugins import cli, plugins
+from clip_robust_plugins import cli
 
 COLUMNS = (
     ("worst-group acc", "worst_group_acc"),
@@ -39,10 +39,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     ]
     if args.mitigation:
         argv += ["--mitigation", *args.mitigation]
-    try:
-        rc = cli.main(argv)
-    finally:
-        plugins.set_plugin_manager(None)
+    rc = cli.main(argv)
     if rc != 0:
         raise SystemExit(f"eval failed for seed {seed} (exit {rc})")
     return json.loads(out.read_text())

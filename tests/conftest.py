@@ -32,13 +32,10 @@ def shapes_flags(shapes_root) -> list[str]:
 @pytest.fixture()
 def run_cli(capsys):
     """Run ``clip_benchmark_robust`` in-process; returns (exit code, stdout, stderr)."""
-    from clip_robust_plugins import cli, plugins
+    from clip_robust_plugins import cli
 
     def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            rc = cli.main([str(a) for a in argv])
-        finally:
-            plugins.set_plugin_manager(None)
+        rc = cli.main([str(a) for a in argv])
         captured = capsys.readouterr()
         return rc, captured.out, captured.err
 

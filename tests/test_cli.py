@@ -186,13 +186,10 @@ def test_wds_without_groups_evaluates_at_class_level(run_cli, shapes_root, tmp_p
 
 
 def test_eval_help_lists_robust_and_plugin_flags(capsys):
-    from clip_robust_plugins import cli, plugins
+    from clip_robust_plugins import cli
 
-    try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main(["eval", "--help"])
-    finally:
-        plugins.set_plugin_manager(None)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--mitigation", "--plugin", "--save_predictions", "--feature_cache", "--shapes_correlation", "--erm_head_C"):

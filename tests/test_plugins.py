@@ -35,10 +35,7 @@ def cli_run(capsys):
         capsys.readouterr()  # only this command's output
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                rc = cli.main([str(a) for a in argv])
-            finally:
-                plugins.set_plugin_manager(None)
+            rc = cli.main([str(a) for a in argv])
         out = capsys.readouterr()
         return rc, out.out, out.err, [w for w in caught if issubclass(w.category, PluginImportWarning)]
 
@@ -347,7 +344,7 @@ def test_plugin_flag_loads_a_module_for_one_run_and_its_mitigation_runs(
     # for one run only: the next command does not know it
     rc, out, _, _ = cli_run("plugins")
     assert rc == 0 and "crp_test_flip_plugin" not in {r["name"] for r in json.loads(out)}
-    assert "test_flip" not in plugins.get_registry().mitigations
+    assert "test_flip" not in plugins.collect_registry(plugins.build_plugin_manager()).mitigations
 
 
 # ------------------------------------------------------------------ the pytest plugin
@@ -375,7 +372,6 @@ class BiasPlugin:
 def test_registered_test_plugin_takes_part_in_crp_eval(crp_plugin_manager, crp_eval, tiny_pretrained):
     name = crp_plugin_manager.register(BiasPlugin(), name="bias_plugin")
     assert name == "bias_plugin" and "bias_plugin" in crp_plugin_manager.names()
-    assert plugins.get_registry() is crp_plugin_manager.registry  # installed process-wide
     assert crp_plugin_manager.registry.owner("mitigations", "test_bias0") == "bias_plugin"
     results = crp_eval(mitigation=["test_bias0"], pretrained=tiny_pretrained)
     metrics = results["metrics"]
@@ -384,10 +380,9 @@ def test_registered_test_plugin_takes_part_in_crp_eval(crp_plugin_manager, crp_e
     assert metrics["test_bias0/acc"] == 0.5 and results["robust"]["methods"]["test_bias0"]["plugin"] == "bias_plugin"
 
 
-def test_crp_plugin_manager_is_torn_down():
-    # runs after the test above (file order): the test plugin is gone from the process-wide registry
-    assert "test_bias0" not in plugins.get_registry().mitigations
-    plugins.set_plugin_manager(None)
+def test_there_is_no_process_wide_registry():
+    # plugins are handed the registry of their run; nothing can look one up globally
+    assert not hasattr(plugins, "get_registry") and not hasattr(plugins, "set_plugin_manager")
 
 
 def test_crp_tiny_shards_is_a_grouped_shard_set(crp_tiny_shards):

@@ -265,37 +265,6 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["name"])
 
 
-_default: tuple[pluggy.PluginManager, Registry] | None = None
-
-
-def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide manager (built on first use)."""
-    return _default_state()[0]
-
-
-def get_registry() -> Registry:
-    """The process-wide registry (built on first use)."""
-    return _default_state()[1]
-
-
-def _default_state() -> tuple[pluggy.PluginManager, Registry]:
-    global _default
-    if _default is None:
-        pm = build_plugin_manager()
-        _default = (pm, collect_registry(pm))
-    return _default
-
-
-def set_plugin_manager(pm: pluggy.PluginManager | None) -> Registry | None:
-    """Make ``pm`` the process-wide manager (None resets to lazy defaults); returns its registry."""
-    global _default
-    if pm is None:
-        _default = None
-        return None
-    _default = (pm, collect_registry(pm))
-    return _default[1]
-
-
 def plugin_parent_parser() -> argparse.ArgumentParser:
     """The ``--plugin`` / ``--trace_plugins`` flags every subcommand shares (an argparse parent)."""
     parent = argparse.ArgumentParser(add_help=False)

@@ -109,26 +109,26 @@ class PluginManagerHandle:
     """
 
     def __init__(self, pm) -> None:
-        from .plugins import set_plugin_manager
+        from .plugins import collect_registry
 
         self.pm = pm
-        self.registry = set_plugin_manager(pm)
+        self.registry = collect_registry(pm)
         self._added: list[object] = []
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register ``plugin`` and rebuild the process-wide registry; returns its plugin name.
+        """Register ``plugin`` and rebuild the registry; returns its plugin name.
 
         When the new registry cannot be built (a duplicate name, a wrong record type) the
         plugin is unregistered again and the :class:`~clip_robust_plugins.plugins.PluginError`
         propagates, so ``pytest.raises`` can check it and the manager stays usable.
         """
-        from .plugins import set_plugin_manager
+        from .plugins import collect_registry
 
         plugin_name = self.pm.register(plugin, name=name)
         if plugin_name is None:
             raise ValueError(f"plugin {name or plugin!r} is blocked in this plugin manager")
         try:
-            self.registry = set_plugin_manager(self.pm)
+            self.registry = collect_registry(self.pm)
         except BaseException:
             self.pm.unregister(plugin)
             raise
@@ -137,11 +137,11 @@ class PluginManagerHandle:
 
     def unregister(self, plugin: object) -> None:
         """Remove a plugin added with :meth:`register` and rebuild the registry."""
-        from .plugins import set_plugin_manager
+        from .plugins import collect_registry
 
         self.pm.unregister(plugin)
         self._added.remove(plugin)
-        self.registry = set_plugin_manager(self.pm)
+        self.registry = collect_registry(self.pm)
 
     def names(self) -> list[str]:
         """Names of every registered plugin (built-ins included)."""
@@ -156,14 +156,14 @@ class PluginManagerHandle:
 
 @pytest.fixture
 def crp_plugin_manager() -> Iterator[PluginManagerHandle]:
-    """A fresh plugin manager, installed as the process-wide one for this test.
+    """A fresh plugin manager for this test.
 
     Holds only the built-in plugins (``CLIP_ROBUST_PLUGINS`` is treated as empty while it
     is built), so the test sees exactly what it registers with ``.register(plugin)``.
     ``crp_eval`` in the same test runs with this manager.  Afterwards the test plugins are
-    unregistered and the process-wide manager is reset (rebuilt lazily on next use).
+    unregistered.
     """
-    from .plugins import ENV_ALLOWLIST, build_plugin_manager, set_plugin_manager
+    from .plugins import ENV_ALLOWLIST, build_plugin_manager
 
     with pytest.MonkeyPatch.context() as m:
         m.setenv(ENV_ALLOWLIST, "")
@@ -173,7 +173,6 @@ def crp_plugin_manager() -> Iterator[PluginManagerHandle]:
         yield handle
     finally:
         handle._teardown()
-        set_plugin_manager(None)
 
 
 class EvalRunner:
@@ -241,13 +240,9 @@ class EvalRunner:
         with pytest.MonkeyPatch.context() as m:
             if handle is not None:
                 m.setattr(cli, "build_plugin_manager", _fixed_manager(handle))
-            try:
-                rc = cli.main(argv)
-            finally:
-                if handle is None:
-                    crp_plugins.set_plugin_manager(None)
-                else:  # main() re-installed the same manager; keep the handle's registry current
-                    handle.registry = crp_plugins.get_registry()
+            rc = cli.main(argv)
+            if handle is not None:  # --plugin modules may have been added: keep the handle's registry current
+                handle.registry = crp_plugins.collect_registry(handle.pm)
         if rc != 0:
             pytest.fail(f"clip_benchmark_robust {' '.join(argv)} exited with {rc}", pytrace=False)
         outputs = sorted(out_dir.glob("*.json"))

@@ -16,11 +16,12 @@ needs only class labels, and it fits in milliseconds from cached features.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
+from clip_robust_plugins import Mitigation, MitigationSpec, Needs, RunContext
 
-from clip_robust_plugins.mitigations.base import Mitigation, RunContext
-from clip_robust_plugins.records import MitigationSpec, Needs
+if TYPE_CHECKING:  # registering the plugin imports no torch; fit and predict import it when they run
+    import torch
 
 NAME = "example_prior_shift"
 FIT_SPLIT = "val"
@@ -36,6 +37,8 @@ class PriorShift(Mitigation):
         self.target: list[float] = []
 
     def fit(self, ctx: RunContext) -> None:
+        import torch
+
         fs = ctx.features(FIT_SPLIT)
         z = ctx.zeroshot_logits(fs.features).double()
         counts = torch.bincount(fs.y, minlength=ctx.n_classes).double()

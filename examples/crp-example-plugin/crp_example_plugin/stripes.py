@@ -17,10 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clip_robust_plugins.datasets.base import DatasetError
-from clip_robust_plugins.datasets.wds import GroupedShards, write_grouped_dataset
-from clip_robust_plugins.groups import two_field_schema
-from clip_robust_plugins.records import DatasetRequest
+from clip_robust_plugins import DatasetError, DatasetRequest, GroupedShards, two_field_schema, write_grouped_dataset
 
 NAME = "example_stripes"
 CLASSES = ("horizontal", "vertical", "diagonal")

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..groups import DEFAULT_GROUPING, GroupSchema
 from .base import DatasetError, RobustDataset
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 SKIP_FLAG = "--skip_bad_samples"
 
@@ -46,6 +49,8 @@ class SkippedSample:
 
 def collate_samples(items: Sequence) -> tuple[object | None, list[SkippedSample]]:
     """DataLoader ``collate_fn``: (default-collated good items or None, skipped items)."""
+    import torch
+
     skipped = [item for item in items if isinstance(item, SkippedSample)]
     kept = [item for item in items if not isinstance(item, SkippedSample)]
     batch = torch.utils.data.default_collate(kept) if kept else None

@@ -12,15 +12,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from ..groups import GroupSchema
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 #: (sample key, transformed image tensor, field values as int64 tensor in schema order)
-SampleTuple = tuple[str, torch.Tensor, torch.Tensor]
+SampleTuple = tuple[str, "torch.Tensor", "torch.Tensor"]
 
 
 class DatasetError(ValueError):
@@ -109,9 +111,13 @@ class RobustDataset(ABC):
         by every worker and thinned (correct but wasteful: readers that can split their
         input, like grouped shards, override this).
         """
+        import torch
+
+        from .parts import EveryNth
+
         data = self.samples(split, transform)
         if isinstance(data, torch.utils.data.IterableDataset):
-            return _EveryNth(data, rank, world_size)
+            return EveryNth(data, rank, world_size)
         return _IndexedPart(data, rank, world_size)
 
     def describe(self) -> dict[str, Any]:
@@ -121,11 +127,14 @@ class RobustDataset(ABC):
 
 def order_key(major: int, minor: int) -> torch.Tensor:
     """The sort key :meth:`RobustDataset.ordered_samples` puts before each sample."""
+    import torch
+
     return torch.tensor([major, minor], dtype=torch.int64)
 
 
-class _IndexedPart(torch.utils.data.Dataset):
-    """Every ``world_size``-th item of a map-style dataset, starting at ``rank``."""
+class _IndexedPart:
+    """Every ``world_size``-th item of a map-style dataset, starting at ``rank`` (a map-style
+    dataset for DataLoader: ``__len__`` and ``__getitem__``)."""
 
     def __init__(self, data: torch.utils.data.Dataset, rank: int, world_size: int):
         self.data = data
@@ -137,20 +146,3 @@ class _IndexedPart(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         index = self.indices[i]
         return (order_key(0, index), *self.data[index])
-
-
-class _EveryNth(torch.utils.data.IterableDataset):
-    """An iterable dataset thinned to this rank's and this DataLoader worker's share."""
-
-    def __init__(self, data: torch.utils.data.IterableDataset, rank: int, world_size: int):
-        self.data = data
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        parts, part = self.world_size * workers, self.rank * workers + worker
-        for index, item in enumerate(self.data):
-            if index % parts == part:
-                yield (order_key(0, index), *item)

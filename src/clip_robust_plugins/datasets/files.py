@@ -32,15 +32,17 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..groups import GroupSchema
 from .bad_samples import SkippedSample
 from .base import DatasetError, RobustDataset, apply_transform, order_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: the split codes of group_DRO, DFR, WILDS and SubpopBench metadata (0/1/2)
 SPLIT_CODES = {0: "train", 1: "val", 2: "test"}
@@ -214,8 +216,8 @@ def _check_rows(rows: Sequence[FileRow], schema: GroupSchema, name: str, split: 
                 raise DatasetError(f"{row.where}: field {f.name!r} value {v} is out of range 0..{f.size - 1}")
 
 
-class FileSamples(torch.utils.data.Dataset):
-    """Map-style samples of one split: ``(key, transformed image, int64 field values)``.
+class FileSamples:
+    """Map-style samples of one split (a DataLoader dataset): ``(key, transformed image, int64 field values)``.
 
     Picklable (DataLoader workers); images are opened only in ``__getitem__``.
     """
@@ -229,6 +231,8 @@ class FileSamples(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[str, Any, torch.Tensor]:
+        import torch
+
         row = self.rows[index]
         image = open_image(row)
         meta = {**dict(zip(self.field_names, row.values)), **row.extra}
@@ -246,6 +250,8 @@ class _OrderedFileSamples(FileSamples):
         return len(self.indices)
 
     def __getitem__(self, i: int):
+        import torch
+
         index = self.indices[i]
         row = self.rows[index]
         order = order_key(0, index)

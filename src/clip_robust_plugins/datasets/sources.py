@@ -33,17 +33,15 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import requests
-import urllib3
-import webdataset as wds
-from braceexpand import braceexpand
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
 from .base import DatasetError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import requests
+    import webdataset as wds
 
 HTTP_SCHEMES = ("http", "https")
 PIPE_PREFIX = "pipe:"
@@ -54,10 +52,15 @@ ALLOW_PIPE_FLAG = "--allow_pipe_urls"
 SHARD_PATTERN_FLAG = "--shard_pattern"
 SPLIT_PLACEHOLDER = "{split}"
 _HF_TREE = re.compile(r"^(https://huggingface\.co/datasets/[^/]+/[^/]+)/tree/(.+?)/*$")
-#: what reading a tar stream can raise on bad bytes or a dropped connection
-_READ_ERRORS = (
-    tarfile.TarError, OSError, EOFError, zlib.error, ValueError, requests.RequestException, urllib3.exceptions.HTTPError,
-)
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a tar stream can raise on bad bytes or a dropped connection."""
+    import requests
+    import urllib3
+
+    return (tarfile.TarError, OSError, EOFError, zlib.error, ValueError, requests.RequestException,
+            urllib3.exceptions.HTTPError)
 
 
 def is_pipe(location: str | os.PathLike) -> bool:
@@ -109,6 +112,8 @@ def http_get(url: str, *, stream: bool = False, missing_ok: bool = False) -> req
 
     Returns None for a 404 when ``missing_ok``; redirects are followed (like ``curl -L``).
     """
+    import requests
+
     try:
         response = requests.get(url, stream=stream, timeout=HTTP_TIMEOUT)
     except requests.RequestException as exc:
@@ -129,6 +134,8 @@ def http_identity(url: str) -> str:
     A server that sends neither ETag nor Last-Modified leaves only the URL and size, so
     a changed file of the same size goes unnoticed (use ``--no_feature_cache`` there).
     """
+    import requests
+
     try:
         response = requests.head(url, allow_redirects=True, timeout=HTTP_TIMEOUT)
     except requests.RequestException as exc:
@@ -247,6 +254,8 @@ def expand_shard_pattern(root: DataRoot, pattern: str, split: str, allow_pipe: b
     if SPLIT_PLACEHOLDER not in pattern:
         raise DatasetError(f"{SHARD_PATTERN_FLAG} {pattern!r}: must contain {SPLIT_PLACEHOLDER} (each split has its own shards)")
     try:
+        from braceexpand import braceexpand
+
         names = list(braceexpand(pattern.replace(SPLIT_PLACEHOLDER, split)))
     except Exception as exc:  # noqa: BLE001 - braceexpand raises its own error type; re-raised as ours
         raise DatasetError(f"{SHARD_PATTERN_FLAG} {pattern!r}: bad brace pattern ({_first_line(exc)})") from None
@@ -292,6 +301,9 @@ def read_tar_samples(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, An
     sample key that appears twice in a shard) instead of a bare ``tarfile``/``ValueError``
     whose message names an in-memory stream.
     """
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    read_errors = _read_errors()
     for source in sources:
         url, stream = source["url"], source["stream"]
         sample: dict[str, Any] | None = None
@@ -314,7 +326,7 @@ def read_tar_samples(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, An
                 sample[suffix] = member["data"]
             if sample is not None:
                 yield sample
-        except _READ_ERRORS as exc:
+        except read_errors as exc:
             if isinstance(exc, DatasetError):
                 raise
             raise DatasetError(f"{url}: unreadable or truncated tar ({type(exc).__name__}: {_first_line(exc)})") from None
@@ -325,7 +337,7 @@ def read_tar_samples(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, An
 def _close(stream: Any, url: str) -> None:
     try:
         stream.close()
-    except _READ_ERRORS as exc:  # a pipe: command that exited non-zero
+    except _read_errors() as exc:  # a pipe: command that exited non-zero
         raise DatasetError(f"{url}: {_first_line(exc)}") from None
 
 
@@ -336,6 +348,8 @@ def shard_pipeline(urls: Iterable[str], allow_pipe: bool = False) -> wds.FluidWr
     no shard yields nothing (so more workers than shards is fine).  No shuffling.
     """
     import functools
+
+    import webdataset as wds
 
     urls = list(urls)
     for url in urls:

@@ -29,17 +29,19 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import webdataset as wds
 from PIL import Image
 
 from ..groups import GROUPS_FILE, GroupSchema, GroupSchemaError
 from .bad_samples import SkippedSample
 from .base import DatasetError, RobustDataset, apply_transform, order_key, wants_sample
 from .sources import DataRoot, expand_shard_pattern, is_url, shard_identity, shard_pipeline
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import webdataset as wds
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -195,7 +197,9 @@ class GroupedShards(RobustDataset):
         urls = [str(p) for p in self.shard_paths(split)]
         mine = urls[rank::world_size]
         if not mine:  # more ranks than shards: this rank reads nothing
-            return _NoSamples()
+            from .parts import NoSamples
+
+            return NoSamples()
         index_of_url = {url: i for i, url in enumerate(urls)}
         tag = functools.partial(_tag_order, index_of_url=index_of_url)
         return self._pipeline(mine).compose(tag).map(_OrderedDecoder(self.decoder(transform)))
@@ -216,11 +220,6 @@ class GroupedShards(RobustDataset):
         if self.shard_pattern is not None:
             out["shard_pattern"] = self.shard_pattern
         return out
-
-
-class _NoSamples(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        return iter(())
 
 
 def _tag_order(samples, index_of_url: Mapping[str, int]):
@@ -300,6 +299,8 @@ class _SampleDecoder:
             except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
                 raise DatasetError(f"{where}undecodable mask ({exc})") from None
         image_tensor = apply_transform(self.transform, key, image, meta, mask)
+        import torch
+
         return key, image_tensor, torch.tensor(values, dtype=torch.int64)
 
 
@@ -316,6 +317,8 @@ class GroupedShardWriter:
         self.schema = schema
         self.max_count = max_count
         # a fixed mtime makes the tar bytes a function of the samples alone (reproducible shards)
+        import webdataset as wds
+
         self._writer = wds.ShardWriter(str(split_dir / "%d.tar"), maxcount=max_count, verbose=0, mtime=0)
         self._values: list[list[int]] = []
         self._keys: set[str] = set()
