@@ -119,9 +119,10 @@ def test_cache_file_is_the_documented_format(tmp_path):
 def test_registered_checkpoint_tag_is_keyed_by_its_file():
     """Replacing the file behind ``--pretrained spurious_shapes`` must change the cache key."""
     from clip_robust_plugins import features, plugins
+    from clip_robust_plugins.features.extractor import _resolve_checkpoint
 
     registry = plugins.collect_registry(plugins.build_plugin_manager())
-    ident = features._resolve_checkpoint("open_clip", "crp-tiny", "spurious_shapes", registry)
+    ident = _resolve_checkpoint("open_clip", "crp-tiny", "spurious_shapes", registry)
     assert ident.endswith("crp-tiny_spurious_shapes.safetensors")
     assert features.pretrained_identity(ident).count(":") >= 2  # path:size:mtime
-    assert features._resolve_checkpoint("open_clip", "ViT-B-32", "openai", registry) == "openai"
+    assert _resolve_checkpoint("open_clip", "ViT-B-32", "openai", registry) == "openai"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from ..groups import GroupSchema
+from .order import order_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -123,13 +124,6 @@ class RobustDataset(ABC):
     def describe(self) -> dict[str, Any]:
         """Provenance recorded in the results JSON."""
         return {"type": type(self).__name__}
-
-
-def order_key(major: int, minor: int) -> torch.Tensor:
-    """The sort key :meth:`RobustDataset.ordered_samples` puts before each sample."""
-    import torch
-
-    return torch.tensor([major, minor], dtype=torch.int64)
 
 
 class _IndexedPart:

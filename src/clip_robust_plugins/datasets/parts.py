@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import order_key
+from .order import order_key
 
 
 class EveryNth(torch.utils.data.IterableDataset):

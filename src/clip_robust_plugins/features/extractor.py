@@ -1,0 +1,276 @@
+"""The feature extractor: one read and decode per split for every kind a run needs, cached."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..datasets.bad_samples import SKIP_FLAG, SkippedSample, check_declared_counts, collate_samples, dataset_location
+from ..datasets.base import DatasetError, RobustDataset
+from ..distributed import DistContext
+from ..errors import one_line
+from .cache import HEAD_KIND, CacheKey, FeatureCache, pretrained_identity, software_versions
+from .kinds import FeatureKind, FeatureSet, ImageSetKind, _DerivedImages, kind_name
+from .towers import FEATURE_KINDS, _batch_features, autocast, encode_image_normalized
+
+
+def _resolve_checkpoint(model_type: str, model_name: str, pretrained: str, registry: Any) -> str:
+    """A registered checkpoint tag (``crp-tiny``/``spurious_shapes``) as the file it names,
+    so the cache notices when a package update replaces the file."""
+    if model_type != "open_clip" or registry is None:
+        return pretrained
+    checkpoint = registry.checkpoint(model_name, pretrained)
+    return str(checkpoint.path) if checkpoint is not None and checkpoint.path.is_file() else pretrained
+
+
+class FeatureExtractor:
+    """Computes (or loads from the cache) features of a dataset split with one model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        transform: Callable | None = None,
+        *,
+        load_model: Callable[[], tuple[torch.nn.Module, Callable]] | None = None,
+        registry: Any = None,
+        model_type: str,
+        model_name: str,
+        pretrained: str,
+        device: str = "cpu",
+        amp: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        cache: FeatureCache | None = None,
+        progress: bool = True,
+        skip_bad_samples: bool = False,
+    ):
+        if (model is None) == (load_model is None):
+            raise ValueError("FeatureExtractor needs either model and transform, or load_model")
+        self._model = model
+        self._transform = transform
+        self._load_model = load_model
+        self.model_type = model_type
+        self.model_name = model_name
+        self.pretrained_id = pretrained_identity(_resolve_checkpoint(model_type, model_name, pretrained, registry))
+        self.device = device
+        self.amp = amp
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache = cache or FeatureCache(None)
+        self.progress = progress
+        self.extracted: list[dict[str, Any]] = []  # what ran (for the report and the benchmarks)
+        #: the torchrun job this extractor shares passes with (None: this process alone)
+        self.dist: DistContext | None = None
+        #: drop samples whose image does not decode (``--skip_bad_samples``) instead of failing
+        self.skip_bad_samples = skip_bad_samples
+        #: split -> the samples dropped from it (those splits' features are never cached)
+        self.skipped_samples: dict[str, list[SkippedSample]] = {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model, built on first use (only a cache miss needs it)."""
+        if self._model is None:
+            self._model, self._transform = self._load_model()
+        return self._model
+
+    @property
+    def transform(self) -> Callable:
+        self.model  # noqa: B018 - builds the model and its transform together
+        return self._transform
+
+    def key(self, dataset: RobustDataset, dataset_name: str, split: str, kind: FeatureKind) -> CacheKey:
+        return CacheKey(
+            model_type=self.model_type,
+            model=self.model_name,
+            pretrained=self.pretrained_id,
+            dataset=dataset_name,
+            dataset_fingerprint=dataset.fingerprint(split),
+            split=split,
+            views=kind.describe() if isinstance(kind, ImageSetKind) else "",
+            kind=kind_name(kind),
+            amp=self.amp,
+            device_type=str(self.device).split(":")[0],
+            software=software_versions(),
+        )
+
+    def head_key(self, classnames: Sequence[str], templates: Any) -> CacheKey:
+        """The cache key of the zero-shot text head (model, checkpoint, class names, templates)."""
+        digest = hashlib.sha256(json.dumps([list(classnames), templates], sort_keys=True).encode()).hexdigest()[:32]
+        return CacheKey(
+            model_type=self.model_type, model=self.model_name, pretrained=self.pretrained_id,
+            dataset="", dataset_fingerprint=digest, split="", views="", kind=HEAD_KIND, amp=self.amp,
+            device_type=str(self.device).split(":")[0], software=software_versions(),
+        )
+
+    def extract(
+        self, dataset: RobustDataset, dataset_name: str, split: str, kinds: Sequence[FeatureKind] = ("image",)
+    ) -> dict[str, FeatureSet]:
+        """Features of ``split`` for each kind, by kind name.
+
+        Uncached plain kinds share one pass over the images; each image-set kind
+        (:class:`ImageSetKind`) takes its own pass, since it decodes whole samples.
+        """
+        unknown = [k for k in kinds if not isinstance(k, ImageSetKind) and k not in FEATURE_KINDS]
+        if unknown:
+            raise KeyError(f"unknown feature kind(s) {unknown}; known: {sorted(FEATURE_KINDS)}")
+        out: dict[str, FeatureSet] = {}
+        todo: list[FeatureKind] = []
+        main = self.dist is None or self.dist.is_main
+        for kind in kinds:
+            cached = self.cache.load(self.key(dataset, dataset_name, split, kind), dataset.schema) if main else None
+            if cached is not None:
+                out[kind_name(kind)] = cached
+            else:
+                todo.append(kind)
+        if self.dist is not None:  # rank 0 owns the cache; every rank extracts what it lacks
+            todo_names = self.dist.broadcast([kind_name(k) for k in todo])
+            todo = [k for k in kinds if kind_name(k) in todo_names]
+        plain = [k for k in todo if not isinstance(k, ImageSetKind)]
+        passes: list[list[FeatureKind]] = ([plain] if plain else []) + [[k] for k in todo if isinstance(k, ImageSetKind)]
+        for group in passes:
+            fresh = self._run(dataset, split, group)
+            if fresh is None:  # a worker rank: its share went to rank 0
+                continue
+            for kind in group:
+                fs = fresh[kind_name(kind)]
+                # a split with skipped samples is not cached: a cache entry always holds the whole split
+                skipped = bool(self.skipped_samples.get(split))
+                path = None if skipped else self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
+                out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
+            self.extracted.append({"split": split, "kinds": [kind_name(k) for k in group], "n": len(fresh[kind_name(group[0])])})
+        return out
+
+    def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet] | None:
+        """One pass over this process's share of ``split``; under torchrun the shares are
+        gathered on rank 0 (which gets the FeatureSets; other ranks get None)."""
+        if self.dist is None:
+            return self._finish(dataset, split, kinds, [self._pass(dataset, split, kinds, 0, 1)])
+        try:
+            share: Any = self._pass(dataset, split, kinds, self.dist.rank, self.dist.world_size)
+        except Exception as exc:  # noqa: BLE001 - sent to rank 0 and re-raised on every rank
+            share = exc
+        shares = self.dist.gather(share if not isinstance(share, Exception) else _RankFailure(one_line(share)))
+        if isinstance(share, Exception):
+            raise share
+        if shares is None:
+            return None
+        failed = [s for s in shares if isinstance(s, _RankFailure)]
+        if failed:
+            raise DatasetError(failed[0].message)
+        return self._finish(dataset, split, kinds, shares)
+
+    def _finish(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind], shares: list) -> dict[str, FeatureSet]:
+        """Merge the shares, restore the dataset's order and check the result."""
+        names = [kind_name(k) for k in kinds]
+        order = torch.cat([s[0] for s in shares])
+        all_keys = [key for s in shares for key in s[1]]
+        skipped = sorted((b for s in shares for b in s[4]), key=lambda b: tuple(b.order.tolist()) if b.order is not None else ())
+        if not all_keys:
+            raise DatasetError(f"{dataset_location(dataset)}: split {split!r} yielded no samples")
+        rank_of_row = np.lexsort((order[:, 1].numpy(), order[:, 0].numpy()))
+        all_keys = [all_keys[i] for i in rank_of_row]
+        index = torch.from_numpy(rank_of_row)
+        field_tensor = torch.cat([s[2] for s in shares]).long()[index]
+        feats = {k: torch.cat([s[3][k] for s in shares])[index] for k in names}
+        if len(set(all_keys)) != len(all_keys):
+            seen: set[str] = set()
+            dup = next(k for k in all_keys if k in seen or seen.add(k))
+            raise DatasetError(f"{dataset_location(dataset)}: split {split!r}: duplicate sample key {dup!r}")
+        dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
+        check_declared_counts(dataset, split, field_tensor.numpy(), skipped)
+        if skipped and split not in self.skipped_samples:
+            print(
+                f"clip_robust_plugins: warning: {SKIP_FLAG}: skipped {len(skipped)} undecodable sample(s) of split "
+                f"{split!r}, recorded in the results; first: {skipped[0].reason}",
+                file=sys.stderr,
+            )
+        if skipped:
+            self.skipped_samples[split] = skipped
+        return {
+            kind: FeatureSet(tuple(all_keys), feats[kind], field_tensor, dataset.schema, kind)
+            for kind in names
+        }
+
+    @torch.no_grad()
+    def _pass(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind], rank: int, world_size: int):
+        """(order keys, sample keys, fields, {kind: features}, skipped samples) of part ``rank`` of ``split``."""
+        image_set = kinds[0] if isinstance(kinds[0], ImageSetKind) else None
+        transform = _DerivedImages(image_set, self.transform) if image_set is not None else self.transform
+        names = [kind_name(k) for k in kinds]
+        loader = torch.utils.data.DataLoader(
+            dataset.ordered_samples(split, transform, rank, world_size),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            shuffle=False,
+            collate_fn=collate_samples,  # sets undecodable samples (SkippedSample) aside
+        )
+        counts = dataset.schema.split_counts.get(split)
+        bar = tqdm(
+            total=(sum(counts) + world_size - 1 - rank) // world_size if counts else None,
+            desc=f"{split}: {'+'.join(names)} features",
+            unit="img",
+            disable=not self.progress,
+            file=sys.stderr,
+        )
+        all_keys: list[str] = []
+        fields: list[torch.Tensor] = []
+        orders: list[torch.Tensor] = [torch.zeros(0, 2, dtype=torch.int64)]
+        feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+        skipped: list[SkippedSample] = []
+        with bar, _stopping_workers(loader) as batches:
+            for batch, bad in batches:
+                if bad and not self.skip_bad_samples:
+                    raise DatasetError(f"{bad[0].reason} (pass {SKIP_FLAG} to skip undecodable images)")
+                skipped.extend(bad)
+                bar.update(len(bad))
+                if batch is None:
+                    continue
+                batch_order, batch_keys, images, batch_fields = batch
+                orders.append(batch_order)
+                images = images.to(self.device)
+                with autocast(self.device, self.amp):
+                    if image_set is not None:  # (B, V, 3, H, W) -> (B, V, D)
+                        flat = encode_image_normalized(self.model, images.flatten(0, 1))
+                        feats[image_set.name].append(flat.float().cpu().unflatten(0, images.shape[:2]))
+                    else:
+                        for kind, values in _batch_features(self.model, images, names).items():
+                            feats[kind].append(values.float().cpu())
+                all_keys.extend(batch_keys)
+                fields.append(batch_fields)
+                bar.update(len(batch_keys))
+        if not all_keys:  # an empty share (more ranks than shards) is fine; an empty split is not
+            n_fields = len(dataset.schema.fields)
+            return orders[0], [], torch.zeros(0, n_fields, dtype=torch.int64), {k: torch.zeros(0) for k in names}, skipped
+        return torch.cat(orders), all_keys, torch.cat(fields), {k: torch.cat(v) for k, v in feats.items()}, skipped
+
+
+@contextlib.contextmanager
+def _stopping_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` whose worker processes stop as soon as the pass ends, also on an error.
+
+    Otherwise a worker's re-raised exception keeps the iterator in a reference cycle until
+    the garbage collector runs, whose shutdown then waits out a 5 s join timeout per pass.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own, idempotent; absent without workers
+        if shutdown is not None:
+            shutdown()
+
+
+@dataclass(frozen=True)
+class _RankFailure:
+    """What a failed rank sends to rank 0 instead of its share."""
+
+    message: str
