@@ -284,6 +284,12 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
                 f"mitigation {spec.name!r} (plugin {owner!r}) returned logits of "
                 f"shape {tuple(logits.shape)}, expected {(len(eval_fs), ctx.n_classes)}"
             )
+        if not bool(logits.isfinite().all()):
+            row = int((~logits.isfinite().all(dim=1)).nonzero()[0])
+            raise EvalError(
+                f"mitigation {spec.name!r} (plugin {owner!r}) returned non-finite logits "
+                f"(first at sample {eval_fs.keys[row]!r} of split {eval_split!r}); no results written"
+            )
         pred = logits.argmax(dim=1).numpy()
         preds = Predictions(spec.name, eval_split, eval_fs.keys, pred, fields, schema, logits.numpy())
         metrics: dict[str, float | str] = {}

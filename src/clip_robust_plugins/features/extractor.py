@@ -19,7 +19,7 @@ from ..datasets.base import DatasetError, RobustDataset
 from ..distributed import DistContext
 from ..errors import one_line
 from .cache import HEAD_KIND, CacheKey, FeatureCache, pretrained_identity, software_versions
-from .kinds import FeatureKind, FeatureSet, ImageSetKind, _DerivedImages, kind_name
+from .kinds import WHOLE_IMAGE, FeatureKind, FeatureSet, ImageSetKind, SampleViews, kind_name
 from .towers import FEATURE_KINDS, _batch_features, autocast, encode_image_normalized
 
 
@@ -30,6 +30,10 @@ def _resolve_checkpoint(model_type: str, model_name: str, pretrained: str, regis
         return pretrained
     checkpoint = registry.checkpoint(model_name, pretrained)
     return str(checkpoint.path) if checkpoint is not None and checkpoint.path.is_file() else pretrained
+
+
+#: the reason text of a sample dropped for non-finite features
+NON_FINITE = "non-finite"
 
 
 class FeatureExtractor:
@@ -116,8 +120,8 @@ class FeatureExtractor:
     ) -> dict[str, FeatureSet]:
         """Features of ``split`` for each kind, by kind name.
 
-        Uncached plain kinds share one pass over the images; each image-set kind
-        (:class:`ImageSetKind`) takes its own pass, since it decodes whole samples.
+        Every uncached kind, plain or image-set (:class:`ImageSetKind`), comes from one read
+        and decode of the split; cached kinds are not read again.
         """
         unknown = [k for k in kinds if not isinstance(k, ImageSetKind) and k not in FEATURE_KINDS]
         if unknown:
@@ -134,19 +138,18 @@ class FeatureExtractor:
         if self.dist is not None:  # rank 0 owns the cache; every rank extracts what it lacks
             todo_names = self.dist.broadcast([kind_name(k) for k in todo])
             todo = [k for k in kinds if kind_name(k) in todo_names]
-        plain = [k for k in todo if not isinstance(k, ImageSetKind)]
-        passes: list[list[FeatureKind]] = ([plain] if plain else []) + [[k] for k in todo if isinstance(k, ImageSetKind)]
-        for group in passes:
-            fresh = self._run(dataset, split, group)
-            if fresh is None:  # a worker rank: its share went to rank 0
-                continue
-            for kind in group:
-                fs = fresh[kind_name(kind)]
-                # a split with skipped samples is not cached: a cache entry always holds the whole split
-                skipped = bool(self.skipped_samples.get(split))
-                path = None if skipped else self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
-                out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
-            self.extracted.append({"split": split, "kinds": [kind_name(k) for k in group], "n": len(fresh[kind_name(group[0])])})
+        if not todo:
+            return out
+        fresh = self._run(dataset, split, todo)
+        if fresh is None:  # a worker rank: its share went to rank 0
+            return out
+        for kind in todo:
+            fs = fresh[kind_name(kind)]
+            # a split with skipped samples is not cached: a cache entry always holds the whole split
+            skipped = bool(self.skipped_samples.get(split))
+            path = None if skipped else self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
+            out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
+        self.extracted.append({"split": split, "kinds": [kind_name(k) for k in todo], "n": len(fresh[kind_name(todo[0])])})
         return out
 
     def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet] | None:
@@ -188,13 +191,14 @@ class FeatureExtractor:
         dataset.schema.validate_values(field_tensor.numpy(), where=f"split {split!r}: ")
         check_declared_counts(dataset, split, field_tensor.numpy(), skipped)
         if skipped and split not in self.skipped_samples:
+            what = "undecodable" if all(NON_FINITE not in b.reason for b in skipped) else "bad (undecodable or non-finite)"
             print(
-                f"clip_robust_plugins: warning: {SKIP_FLAG}: skipped {len(skipped)} undecodable sample(s) of split "
+                f"clip_robust_plugins: warning: {SKIP_FLAG}: skipped {len(skipped)} {what} sample(s) of split "
                 f"{split!r}, recorded in the results; first: {skipped[0].reason}",
                 file=sys.stderr,
             )
         if skipped:
-            self.skipped_samples[split] = skipped
+            self.skipped_samples[split] = self.skipped_samples.get(split, []) + skipped
         return {
             kind: FeatureSet(tuple(all_keys), feats[kind], field_tensor, dataset.schema, kind)
             for kind in names
@@ -202,9 +206,12 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def _pass(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind], rank: int, world_size: int):
-        """(order keys, sample keys, fields, {kind: features}, skipped samples) of part ``rank`` of ``split``."""
-        image_set = kinds[0] if isinstance(kinds[0], ImageSetKind) else None
-        transform = _DerivedImages(image_set, self.transform) if image_set is not None else self.transform
+        """(order keys, sample keys, fields, {kind: features}, skipped samples) of part ``rank`` of ``split``:
+        one read and decode of each sample for every kind; rows whose features are not finite
+        are an error (or, with ``--skip_bad_samples``, dropped and recorded)."""
+        plain = [k for k in kinds if not isinstance(k, ImageSetKind)]
+        image_sets = [k for k in kinds if isinstance(k, ImageSetKind)]
+        transform = SampleViews(self.transform, image_sets, whole_image=bool(plain)) if image_sets else self.transform
         names = [kind_name(k) for k in kinds]
         loader = torch.utils.data.DataLoader(
             dataset.ordered_samples(split, transform, rank, world_size),
@@ -212,6 +219,7 @@ class FeatureExtractor:
             num_workers=self.num_workers,
             shuffle=False,
             collate_fn=collate_samples,  # sets undecodable samples (SkippedSample) aside
+            pin_memory=str(self.device).startswith("cuda"),
         )
         counts = dataset.schema.split_counts.get(split)
         bar = tqdm(
@@ -235,22 +243,56 @@ class FeatureExtractor:
                 if batch is None:
                     continue
                 batch_order, batch_keys, images, batch_fields = batch
+                out = self._forward(images, plain, image_sets)
+                keep = self._finite_rows(dataset, split, out, batch_order, batch_keys, batch_fields, skipped)
+                if keep is not None:
+                    batch_order, batch_fields = batch_order[keep], batch_fields[keep]
+                    batch_keys = [k for k, ok in zip(batch_keys, keep.tolist()) if ok]
+                    out = {k: v[keep] for k, v in out.items()}
                 orders.append(batch_order)
-                images = images.to(self.device)
-                with autocast(self.device, self.amp):
-                    if image_set is not None:  # (B, V, 3, H, W) -> (B, V, D)
-                        flat = encode_image_normalized(self.model, images.flatten(0, 1))
-                        feats[image_set.name].append(flat.float().cpu().unflatten(0, images.shape[:2]))
-                    else:
-                        for kind, values in _batch_features(self.model, images, names).items():
-                            feats[kind].append(values.float().cpu())
+                for kind, values in out.items():
+                    feats[kind].append(values)
                 all_keys.extend(batch_keys)
                 fields.append(batch_fields)
-                bar.update(len(batch_keys))
+                bar.update(len(batch_keys) + (0 if keep is None else int((~keep).sum())))
         if not all_keys:  # an empty share (more ranks than shards) is fine; an empty split is not
             n_fields = len(dataset.schema.fields)
             return orders[0], [], torch.zeros(0, n_fields, dtype=torch.int64), {k: torch.zeros(0) for k in names}, skipped
         return torch.cat(orders), all_keys, torch.cat(fields), {k: torch.cat(v) for k, v in feats.items()}, skipped
+
+    def _forward(self, images: Any, plain: Sequence[str], image_sets: Sequence[ImageSetKind]) -> dict[str, torch.Tensor]:
+        """Every kind of one batch: plain kinds from the whole image, image sets (B, V, D) from their views."""
+        non_blocking = str(self.device).startswith("cuda")
+        out: dict[str, torch.Tensor] = {}
+        with autocast(self.device, self.amp):
+            whole = images.get(WHOLE_IMAGE) if isinstance(images, dict) else images
+            if plain:
+                for kind, values in _batch_features(self.model, whole.to(self.device, non_blocking=non_blocking), plain).items():
+                    out[kind] = values.float().cpu()
+            for kind in image_sets:
+                views = images[kind.name].to(self.device, non_blocking=non_blocking)  # (B, V, 3, H, W) -> (B, V, D)
+                flat = encode_image_normalized(self.model, views.flatten(0, 1))
+                out[kind.name] = flat.float().cpu().unflatten(0, views.shape[:2])
+        return out
+
+    def _finite_rows(self, dataset: RobustDataset, split: str, out: dict[str, torch.Tensor], order: torch.Tensor,
+                     keys: Sequence[str], fields: torch.Tensor, skipped: list[SkippedSample]) -> torch.Tensor | None:
+        """None when every row is finite; else the rows to keep (bad ones recorded) or an error."""
+        finite = {kind: torch.isfinite(v.flatten(1)).all(dim=1) for kind, v in out.items()}
+        keep = torch.stack(list(finite.values())).all(dim=0)
+        if bool(keep.all()):
+            return None
+        first = int((~keep).nonzero()[0])
+        kind = next(k for k, ok in finite.items() if not ok[first])
+        where = f"{dataset_location(dataset)}: split {split!r}: sample {keys[first]!r}"
+        if not self.skip_bad_samples:
+            raise DatasetError(f"{where}: {NON_FINITE} {kind} features (a broken checkpoint or fp16 overflow; "
+                               f"pass {SKIP_FLAG} to drop such samples)")
+        for i in (~keep).nonzero().flatten().tolist():
+            bad_kind = next(k for k, ok in finite.items() if not ok[i])
+            reason = f"{dataset_location(dataset)}: split {split!r}: sample {keys[i]!r}: {NON_FINITE} {bad_kind} features"
+            skipped.append(SkippedSample(keys[i], tuple(fields[i].tolist()), reason, order[i]))
+        return keep
 
 
 @contextlib.contextmanager

@@ -56,25 +56,36 @@ class ImageSetKind:
         return f"{self.name}[{self.config}]x{self.count}"
 
 
-class _DerivedImages:
-    """The sample transform behind an :class:`ImageSetKind`: derive, preprocess, stack."""
+#: the key of the model's own view of the image in a :class:`SampleViews` item
+WHOLE_IMAGE = "__image__"
+
+
+class SampleViews:
+    """The sample transform of one pass: from one decoded sample, the model's view of the
+    whole image (when a plain kind needs it) and every image-set kind's derived images,
+    preprocessed and stacked.  Runs in the DataLoader workers, so each image is decoded once
+    per split however many kinds the run needs."""
 
     wants_sample = True
 
-    def __init__(self, kind: ImageSetKind, transform: Callable):
-        self.kind = kind
+    def __init__(self, transform: Callable, image_sets: Sequence[ImageSetKind], whole_image: bool):
         self.transform = transform
+        self.image_sets = tuple(image_sets)
+        self.whole_image = whole_image
 
-    def __call__(self, sample: SampleImage) -> torch.Tensor:
-        images = list(self.kind.derive(sample))
-        if len(images) != self.kind.count:
-            raise DatasetError(
-                f"sample {sample.key!r}: {self.kind.name} made {len(images)} images, expected {self.kind.count}"
-            )
-        return torch.stack([self.transform(image) for image in images])
+    def __call__(self, sample: SampleImage) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.whole_image:
+            out[WHOLE_IMAGE] = self.transform(sample.image)
+        for kind in self.image_sets:
+            images = list(kind.derive(sample))
+            if len(images) != kind.count:
+                raise DatasetError(f"sample {sample.key!r}: {kind.name} made {len(images)} images, expected {kind.count}")
+            out[kind.name] = torch.stack([self.transform(image) for image in images])
+        return out
 
     def __repr__(self) -> str:
-        return f"{self.kind.describe()}({self.transform!r})"
+        return f"SampleViews({self.transform!r}, {[k.describe() for k in self.image_sets]}, whole={self.whole_image})"
 
 
 FeatureKind = str | ImageSetKind
