@@ -49,7 +49,8 @@ def test_export_is_byte_identical_across_workers_and_copies_the_jpegs(run_cli, t
         outs[workers] = tree_bytes(out)
     assert outs["0"] == outs["2"]
     root = tmp_path / "shards0"
-    assert (root / "train" / "nshards.txt").read_text() == "4\n"  # 14 samples, 4 per shard
+    # 14 samples, at most 4 per shard, spread over at least 8 shards (--min_shards): 2 per shard
+    assert (root / "train" / "nshards.txt").read_text() == "7\n"
     doc = json.loads((root / "groups.json").read_text())
     schema = GroupSchema.read(root / "groups.json")
     assert {s: list(schema.counts(s)) for s in ("train", "val", "test")} == WATERBIRDS_COUNTS
@@ -263,3 +264,34 @@ def test_shards_from_clip_benchmarks_exporter_evaluate_at_class_level(run_cli, t
     rc, _, err = run_cli(*common, "--mitigation", "dfr", "--output", tmp_path / "dfr.json")
     assert rc == 2 and "dfr needs group labels" in err.strip().splitlines()[-1]
     assert not (tmp_path / "dfr.json").exists()
+
+
+def test_plain_clip_benchmark_reads_a_40_image_export_with_4_workers(run_cli, tmp_path, tiny_model_dir):
+    """Acceptance: a small split exported with the defaults spreads over 8 shards, so clip_benchmark's
+    own reader at its default --num_workers 4 finds samples in every worker; acc1 equals ours."""
+    shards = tmp_path / "shards"
+    rc, _, err = export(run_cli, "--dataset", "robust/spurious_shapes", "--dataset_root", tmp_path / "gen",
+                        "--shapes_train_size", "40", "--shapes_val_size", "40", "--shapes_test_size", "40",
+                        "--output_dir", shards, "--num_workers", "0")
+    assert rc == 0, err
+    assert (shards / "test" / "nshards.txt").read_text() == "8\n"
+    argv = ["eval", "--dataset", "wds/spurious_shapes", "--dataset_root", str(shards), "--model", f"local-dir:{tiny_model_dir}"]
+    plain_clip_benchmark([*argv, "--num_workers", "4", "--output", str(tmp_path / "plain.json")], cwd=tmp_path)
+    rc, _, err = run_cli(*argv, "--num_workers", "0", "--no_feature_cache", "--output", tmp_path / "ours.json")
+    assert rc == 0, err
+    plain = json.loads((tmp_path / "plain.json").read_text())["metrics"]
+    ours = json.loads((tmp_path / "ours.json").read_text())["metrics"]
+    assert plain["acc1"] == ours["zeroshot/acc"]
+    assert sum(v for k, v in ours.items() if k.startswith("zeroshot/group_count/")) == 40
+
+
+def test_export_help_text(capsys):
+    from clip_robust_plugins import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["export_wds", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: clip_benchmark_robust export_wds")
+    assert "--min_shards" in out and "--shapes_train_size" in out  # its own flags and the datasets'
+    for foreign in ("--cfr_", "--dfr_", "--seraser_", "--ravl_", "--erm_head_C", "--mitigation"):
+        assert foreign not in out

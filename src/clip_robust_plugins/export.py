@@ -199,6 +199,23 @@ def encoded_samples(dataset: RobustDataset, split: str, workers: int) -> Iterato
 
 
 # ------------------------------------------------------------------------ export
+def split_size(dataset: RobustDataset, split: str) -> int | None:
+    """Samples in ``split`` as the dataset declares them (None when it cannot tell without reading)."""
+    declared = dataset.schema.split_counts.get(split)
+    if declared:
+        return int(sum(declared))
+    if isinstance(dataset, FileDataset):
+        return len(dataset.rows(split))
+    return None
+
+
+def shard_capacity(n: int | None, shard_size: int, min_shards: int) -> int:
+    """Samples per shard so that ``n`` samples fill at least ``min(min_shards, n)`` shards."""
+    if n is None:
+        return shard_size
+    return max(1, min(shard_size, -(-n // min_shards)))
+
+
 def check_output_dir(output_dir: Path, source_root: Path) -> None:
     """Refuse to write where existing files could be replaced: only a new or empty
     directory, or one holding an earlier export (its split folders are ours to replace)."""
@@ -230,14 +247,18 @@ def export_wds(
     *,
     splits: Sequence[str] | None = None,
     shard_size: int = 1000,
+    min_shards: int = 8,
     num_workers: int | None = None,
     source: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> GroupSchema:
     """Write ``dataset``'s ``splits`` (default: all) as grouped shards into ``output_dir``.
 
-    Returns the written schema.  The counts written must equal the counts the dataset
-    declares (when it declares them): a mismatch is an error before anything is moved.
+    Each split is spread over at least ``min_shards`` shards (fewer only when it has fewer
+    samples) of at most ``shard_size`` samples: clip_benchmark's wds reader gives each
+    DataLoader worker whole shards and fails when a worker gets none.  Returns the written
+    schema.  The counts written must equal the counts the dataset declares (when it
+    declares them): a mismatch is an error before anything is moved.
     """
     from tqdm.auto import tqdm
 
@@ -246,8 +267,8 @@ def export_wds(
     unknown = [s for s in splits if s not in available]
     if unknown:
         raise DatasetError(f"no split {unknown[0]!r} to export (splits: {list(available)})")
-    if shard_size < 1:
-        raise DatasetError(f"--shard_size must be at least 1, got {shard_size}")
+    if shard_size < 1 or min_shards < 1:
+        raise DatasetError(f"--shard_size and --min_shards must be at least 1, got {shard_size} and {min_shards}")
     workers = default_workers() if num_workers is None else max(0, num_workers)
     schema = dataset.schema
 
@@ -274,13 +295,14 @@ def export_wds(
         "exporter": {"name": "clip_benchmark_robust export_wds", "version": __version__},
         "source": dict(source or {}),
     }
+    per_shard = {split: shard_capacity(split_size(dataset, split), shard_size, min_shards) for split in splits}
     return write_grouped_dataset(
         output_dir,
         schema,
         dataset.templates,
         {split: items(split) for split in splits},
         extra_metadata=metadata,
-        max_count=shard_size,
+        max_count=per_shard,
         classnames=dataset.classnames,
         known_counts={k: v for k, v in schema.split_counts.items() if k not in splits},
     )
@@ -308,7 +330,8 @@ def run_export(args: argparse.Namespace, pm, registry: Registry) -> int:
     dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args))
     source = {"dataset": f"{ROBUST_PREFIX}{name}", "plugin": owner, "options": _plain(options)}
     final = export_wds(
-        dataset, args.output_dir, splits=args.splits, shard_size=args.shard_size, num_workers=args.num_workers,
+        dataset, args.output_dir, splits=args.splits, shard_size=args.shard_size, min_shards=args.min_shards,
+        num_workers=args.num_workers,
         source=source, progress=not args.no_progress,
     )
     written = args.splits or list(dataset.splits())

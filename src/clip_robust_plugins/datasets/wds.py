@@ -391,7 +391,7 @@ def write_grouped_dataset(
     templates: Sequence[str],
     splits: Mapping[str, Iterable[tuple[str, Image.Image, Mapping[str, int], Mapping[str, Any] | None, Image.Image | None]]],
     extra_metadata: Mapping[str, Any] | None = None,
-    max_count: int = 1000,
+    max_count: int | Mapping[str, int] = 1000,
     progress: Callable[[Iterable, str], Iterable] | None = None,
     classnames: Sequence[str] | None = None,
     known_counts: Mapping[str, Sequence[int]] | None = None,
@@ -403,7 +403,7 @@ def write_grouped_dataset(
     ``classnames`` (the zero-shot prompts' names; default: the class field's value names)
     go to ``classnames.txt``; ``known_counts`` are group counts of splits not written here
     (a source's train split), kept in ``groups.json`` for the train-weighted average.
-    Everything is staged in a temporary directory beside ``root`` and moved into place
+    ``max_count`` is the samples per shard, one number or one per split.  Everything is staged in a temporary directory beside ``root`` and moved into place
     at the end, ``groups.json`` last, so an interrupted run leaves no dataset that
     looks complete.  Returns the schema with the measured per-split counts.
     """
@@ -413,7 +413,8 @@ def write_grouped_dataset(
     try:
         counts = {}
         for split, items in splits.items():
-            writer = GroupedShardWriter(stage / split, schema, max_count=max_count)
+            per_shard = max_count[split] if isinstance(max_count, Mapping) else max_count
+            writer = GroupedShardWriter(stage / split, schema, max_count=per_shard)
             iterable = progress(items, split) if progress else items
             for key, image, values, extra, mask in iterable:
                 writer.write(key, image, values, extra, mask)
