@@ -77,7 +77,9 @@ def wilson_interval(hits: Any, n: Any, level: float = 0.95) -> tuple[np.ndarray,
         denom = 1.0 + z2 / n
         center = (p + z2 / (2.0 * n)) / denom
         half = math.sqrt(z2) * np.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n)) / denom
-        low, high = np.clip(center - half, 0.0, 1.0), np.clip(center + half, 0.0, 1.0)
+        # the interval always contains p; min/max only undo rounding at p = 0 or 1
+        low = np.clip(np.minimum(center - half, p), 0.0, 1.0)
+        high = np.clip(np.maximum(center + half, p), 0.0, 1.0)
     empty = n <= 0
     return np.where(empty, np.nan, low), np.where(empty, np.nan, high)
 
@@ -113,9 +115,9 @@ def bootstrap_group_hits(
     is ``(n_boot, M, G')`` over the ``G'`` non-empty groups, ``present`` their indices.
     """
     correct = np.asarray(correct, dtype=bool)
-    groups = np.asarray(groups)
+    groups = np.asarray(groups, dtype=np.int64)
     n_methods = correct.shape[0]
-    counts = np.bincount(groups, minlength=n_groups) if groups.size else np.zeros(n_groups, dtype=np.int64)
+    counts = np.bincount(groups, minlength=n_groups)
     present = np.flatnonzero(counts > 0)
     hits = np.empty((n_boot, n_methods, present.size), dtype=np.float64)
     order = np.argsort(groups, kind="stable")
@@ -152,10 +154,10 @@ def method_intervals(
     groups = np.asarray(groups, dtype=np.int64)
     n_groups = len(group_names)
     n_methods = correct.shape[0]
-    sizes_all = np.bincount(groups, minlength=n_groups) if groups.size else np.zeros(n_groups, dtype=np.int64)
-    hits_all = np.zeros((n_methods, n_groups))
-    for m in range(n_methods) if groups.size else ():
-        hits_all[m] = np.bincount(groups, weights=correct[m].astype(np.float64), minlength=n_groups)
+    if train_counts is not None and len(train_counts) != n_groups:
+        raise ValueError(f"{len(train_counts)} training group counts for {n_groups} groups")
+    sizes_all = np.bincount(groups, minlength=n_groups)
+    hits_all = np.stack([np.bincount(groups, weights=c, minlength=n_groups) for c in correct.astype(np.float64)])
     low, high = wilson_interval(hits_all, sizes_all[None, :], level)
     out: list[dict[str, float]] = []
     for m in range(n_methods):
@@ -168,21 +170,16 @@ def method_intervals(
         return out
 
     present = np.flatnonzero(sizes_all > 0)
-    weights = None
-    if train_counts is not None:
-        weights = np.asarray(train_counts, dtype=np.float64)[present]
-    sizes = sizes_all[present].astype(np.float64)
-    point = group_statistics(hits_all[:, present], sizes, weights) if present.size else None
-    if point is None:  # nothing evaluated: every statistic is NaN
+    if not present.size:  # nothing evaluated: every statistic is NaN
         nan = {f"{s}_ci_{side}": math.nan for s in BOOTSTRAP_STATS for side in ("low", "high")}
         for m, keys in enumerate(out):
             keys.update(nan)
             if m:
                 keys.update(_delta_keys({s: math.nan for s in DELTA_STATS}, None, method_names[0], level))
         return out
-    rng = np.random.default_rng([int(seed), _SALT])
-    hits, _ = bootstrap_group_hits(correct, groups, n_groups, n_boot, rng)
-    reps = group_statistics(hits, sizes, weights)  # each (B, M)
+    weights = None if train_counts is None else np.asarray(train_counts, dtype=np.float64)[present]
+    point = group_statistics(hits_all[:, present], sizes_all[present].astype(np.float64), weights)
+    reps = bootstrap_replicates(correct, groups, n_groups, train_counts, n_boot, np.random.default_rng([int(seed or 0), _SALT]))
     for m, keys in enumerate(out):
         for stat in BOOTSTRAP_STATS:
             lo, hi = _percentile(reps[stat][:, m], float(point[stat][m]), level)
@@ -192,6 +189,17 @@ def method_intervals(
             diffs = {s: reps[s][:, m] - reps[s][:, 0] for s in DELTA_STATS}
             keys.update(_delta_keys(estimates, diffs, method_names[0], level))
     return out
+
+
+def bootstrap_replicates(
+    correct: np.ndarray, groups: np.ndarray, n_groups: int, train_counts: Sequence[int] | None, n_boot: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """``{statistic: (n_boot, M)}``: the bootstrapped statistics of every method, paired across methods."""
+    hits, present = bootstrap_group_hits(correct, groups, n_groups, n_boot, rng)
+    sizes = np.bincount(np.asarray(groups, dtype=np.int64), minlength=n_groups)[present].astype(np.float64)
+    weights = None if train_counts is None else np.asarray(train_counts, dtype=np.float64)[present]
+    return group_statistics(hits, sizes, weights)
 
 
 def _delta_keys(estimates: dict[str, float], diffs: dict[str, np.ndarray] | None, baseline: str,
