@@ -7,8 +7,9 @@ import os
 from collections.abc import Sequence
 
 from ..atomic import write_files
-from . import plots, render
 from .load import load_runs
+from .plots import section_pngs
+from .render import markdown, page
 from .tables import LONG_COLUMNS, build_sections, long_rows
 
 LONG_CSV = "results_long.csv"
@@ -28,9 +29,9 @@ def write_report(inputs: Sequence[str], output_dir: str) -> list[str]:
     rows = long_rows(runs)
     images: dict[str, bytes] = {}
     for section in sections:
-        images.update(plots.section_pngs(section))
-    md = render.markdown(sections, runs)
-    page = render.page(sections, runs, images)
+        images.update(section_pngs(section))
+    md = markdown(sections, runs)
+    html = page(sections, runs, images)
 
     def write_csv(path: str) -> None:
         with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -54,6 +55,6 @@ def write_report(inputs: Sequence[str], output_dir: str) -> list[str]:
 
     targets = [(os.path.join(output_dir, LONG_CSV), write_csv),
                (os.path.join(output_dir, REPORT_MD), write_text(md)),
-               (os.path.join(output_dir, REPORT_HTML), write_text(page))]
+               (os.path.join(output_dir, REPORT_HTML), write_text(html))]
     targets += [(os.path.join(output_dir, name), write_bytes(data)) for name, data in images.items()]
     return write_files(targets)
