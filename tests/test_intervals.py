@@ -235,3 +235,21 @@ def test_real_results_json_has_the_interval_keys_for_every_method(engine_with_in
     delta = "erm_head/delta_worst_group_acc_vs_zeroshot"
     assert metrics[delta + "_ci_low"] <= metrics[delta] <= metrics[delta + "_ci_high"]
     assert "zeroshot/delta_worst_group_acc_vs_zeroshot" not in metrics
+
+
+def test_table_prints_intervals_where_they_fit():
+    from clip_robust_plugins.report import format_table
+
+    correct, groups = _data(p=((0.9, 0.6, 0.5, 0.8, 1.0), (0.85, 0.75, 0.5, 0.7, 1.0), (0.5, 0.5, 0.5, 0.5, 0.5)))
+    result = _result(correct, groups)
+    result.dump.update(dataset="robust/x", model="m", pretrained="p")
+    result.dump["robust"]["split"] = "test"
+    plain = format_table(result)
+    assert "[" not in plain.split("\n", 1)[1]  # below the title "robust/x [test] ..."
+    add_intervals(result, 100, 0.95, 0, train_counts=[300, 20, 5, 10, 2])
+    table = format_table(result)
+    wga = result.methods[1].metrics
+    assert f"{wga['worst_group_acc']:.3f} [{wga['worst_group_acc_ci_low']:.3f}, {wga['worst_group_acc_ci_high']:.3f}]" in table
+    assert "worst - zeroshot" in table and "95% intervals" in table
+    narrow = format_table(result, width=60)
+    assert "[" not in narrow.replace("[low", "").split("\n", 1)[1] and "left out to fit 60 columns" in narrow

@@ -11,6 +11,7 @@ from typing import Any
 
 from .load import Run, is_number, short, split_intervals
 
+_WGA = "worst-group acc"
 LONG_COLUMNS = ("dataset", "split", "model", "pretrained", "method", "seed", "metric", "value", "ci_low", "ci_high",
                 "source")
 
@@ -157,7 +158,7 @@ def _section(dataset: str, evaluated: tuple, runs: list[Run], slug: str, variant
     weighted = all(_metric(r, m, "acc_train_weighted")[0] is not None for r in runs for m in r.methods)
     avg_key, gap_key = ("acc_train_weighted", "gap_train_weighted") if weighted else ("acc", "gap")
     columns = [
-        Column("worst-group acc", "worst_group_acc", True),
+        Column(_WGA, "worst_group_acc", True),
         Column("average acc" + (" (train-weighted)" if weighted else ""), avg_key, True),
         Column("gap", gap_key, False),
         Column(f"Δ worst-group vs {baseline}", "delta_worst_group_acc_vs_{baseline}", True),
@@ -207,6 +208,12 @@ def _notes(dataset: str, evaluated: tuple, runs: list[Run], rows: list[Row], var
         if repeated:
             files = ", ".join(short(r.path) for r in row.runs)
             notes.append(f"{row.label}: several runs with seed {', '.join(repeated)} ({files}); all are counted.")
+    constant = [row.label for row in rows
+                if row.stats[_WGA].n > 1 and row.stats[_WGA].std == 0.0]
+    if constant:
+        notes.append(f"± 0.000 in worst-group accuracy for {'; '.join(constant)}: the seeds did not change that "
+                     "result, and the spread over seeds says nothing about test-set sampling; each run's own "
+                     "interval is in results_long.csv (ci_low, ci_high).")
     if any(r.intervals is None for r in runs):
         missing = ", ".join(short(r.path) for r in runs if r.intervals is None)
         notes.append(f"no intervals recorded in {missing} (written before intervals existed, or with "
