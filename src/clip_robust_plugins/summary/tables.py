@@ -145,9 +145,15 @@ def build_sections(runs: Sequence[Run]) -> list[Section]:
     for dataset, evaluated in by_variant:
         variants_per_dataset.setdefault(dataset, []).append(evaluated)
     sections = []
+    used: set[str] = set()
     for (dataset, evaluated), members in by_variant.items():
         variants = variants_per_dataset[dataset]
         slug = _slug(dataset) + (f"_{variants.index(evaluated) + 1}" if len(variants) > 1 else "")
+        base, k = slug, 1
+        while slug in used:  # two dataset names that differ only in characters a file name cannot hold
+            k += 1
+            slug = f"{base}-{k}"
+        used.add(slug)
         sections.append(_section(dataset, evaluated, members, slug, variants))
     return sections
 
