@@ -1,3 +1,4 @@
+import argparse
 import math
 
 import numpy as np
@@ -6,12 +7,15 @@ import torch
 
 from clip_robust_plugins.compat import accuracy as fixed_clip_benchmark_accuracy
 from clip_robust_plugins.groups import two_field_schema
+from clip_robust_plugins.intervals import interval_config
 from clip_robust_plugins.metrics import (
     _clip_benchmark_metric,
     _group_metric,
+    add_arguments,
     class_metrics,
     group_metrics,
     topk_accuracies,
+    worst_group_accuracy,
 )
 from clip_robust_plugins.records import Predictions
 
@@ -74,3 +78,22 @@ def test_registered_metric_functions_on_predictions():
     assert g["acc_train_weighted"] == pytest.approx(11 / 12)
     c = _clip_benchmark_metric(p)
     assert c["acc1"] == 0.75 and math.isnan(c["acc5"]) and c["mean_per_class_recall"] == 0.75
+
+
+def test_worst_group_accuracy_matches_group_metrics():
+    y = np.array([0, 0, 1, 1, 1])
+    groups = np.array([0, 0, 2, 2, 3])
+    pred = np.array([0, 1, 1, 0, 0])
+    assert worst_group_accuracy(pred, y, groups) == group_metrics(pred, y, groups, NAMES)["worst_group_acc"] == 0.0
+    assert math.isnan(worst_group_accuracy(np.array([], int), np.array([], int), np.array([], int)))
+
+
+def test_interval_flags_from_the_metrics_plugin():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser=parser.add_argument_group("plugin clip_robust_plugins.metrics"))
+    assert interval_config(parser.parse_args([])).bootstrap_samples == 1000  # the dataclass holds the defaults
+    args = parser.parse_args(["--bootstrap_samples", "0", "--ci_level", "0.9"])
+    assert (interval_config(args).bootstrap_samples, interval_config(args).ci_level) == (0, 0.9)
+    for bad in (["--ci_level", "1.0"], ["--ci_level", "0"], ["--bootstrap_samples", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)

@@ -17,6 +17,11 @@ Empty groups (count 0 in the evaluated split) are reported with count 0 and accu
 NaN, and are excluded from the worst group and from all three averages; the
 train-weighted average renormalises the training proportions over non-empty groups.
 Groupings other than ``default`` get the same keys under ``<grouping>/``.
+
+Intervals (Wilson per group, a within-group bootstrap for the rest, paired differences from
+the baseline) need every method's predictions at once, so they are added after the
+metrics by :func:`clip_robust_plugins.intervals.add_intervals`; this plugin adds their
+flags (``--bootstrap_samples``, ``--ci_level``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from .groups import DEFAULT_GROUPING
 from .hookspecs import hookimpl
+from .intervals import IntervalConfig
 from .records import MetricSpec, Predictions
 
 
@@ -142,3 +148,10 @@ def _clip_benchmark_metric(p: Predictions) -> dict[str, float]:
 def register_metrics(register):
     register(MetricSpec("group", _group_metric, "per-group accuracy/count, worst group, averages, gaps, worst class"))
     register(MetricSpec("clip_benchmark", _clip_benchmark_metric, "clip_benchmark's acc1, acc5, mean_per_class_recall"))
+
+
+@hookimpl
+def add_arguments(parser):
+    from .argtypes import add_config_flags
+
+    add_config_flags(parser, IntervalConfig, "", topic="intervals")

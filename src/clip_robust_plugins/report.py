@@ -27,21 +27,54 @@ SUMMARY_ROWS = (
 )
 
 
+#: the widest table printed with intervals in its cells; wider ones print point estimates only
+TABLE_WIDTH = 160
+
+
 def _fmt(value: float | str | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def format_table(result: EvalResult) -> str:
-    """Groups as rows (with their counts), methods as columns, then the summary rows."""
+def _interval_keys(key: str) -> tuple[str, str]:
+    """The interval keys beside a metric key: ``group_acc/<g>`` -> ``group_acc_ci_low/<g>``, ``x`` -> ``x_ci_low``."""
+    if "/" in key:
+        head, tail = key.split("/", 1)
+        return f"{head}_ci_low/{tail}", f"{head}_ci_high/{tail}"
+    return f"{key}_ci_low", f"{key}_ci_high"
+
+
+def _cell(metrics: dict, key: str, intervals: bool) -> str:
+    text = _fmt(metrics.get(key))
+    if intervals and text != "-":
+        low_key, high_key = _interval_keys(key)
+        low, high = metrics.get(low_key), metrics.get(high_key)
+        if isinstance(low, float) and isinstance(high, float) and not (math.isnan(low) or math.isnan(high)):
+            text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def _summary_rows(result: EvalResult) -> list[tuple[str, str]]:
+    baseline = result.dump.get("robust", {}).get("baseline", result.methods[0].name)
+    rows = list(SUMMARY_ROWS)
+    if any(f"delta_worst_group_acc_vs_{baseline}" in m.metrics for m in result.methods):
+        rows += [
+            (f"worst - {baseline}", f"delta_worst_group_acc_vs_{baseline}"),
+            (f"acc (train-w.) - {baseline}", f"delta_acc_train_weighted_vs_{baseline}"),
+        ]
+    return rows
+
+
+def _table_lines(result: EvalResult, intervals: bool) -> list[str]:
     names = [m.name for m in result.methods]
     first = result.methods[0].metrics
     rows: list[list[str]] = []
     for group in result.group_names:
         count = first.get(f"group_count/{group}", 0.0)
-        rows.append([group, str(int(count))] + [_fmt(m.metrics.get(f"group_acc/{group}")) for m in result.methods])
-    summary = [[label, ""] + [_fmt(m.metrics.get(key)) for m in result.methods] for label, key in SUMMARY_ROWS]
+        rows.append([group, str(int(count))] + [_cell(m.metrics, f"group_acc/{group}", intervals) for m in result.methods])
+    summary = [[label, ""] + [_cell(m.metrics, key, intervals) for m in result.methods]
+               for label, key in _summary_rows(result)]
     header = ["group", "n"] + names
     widths = [max(len(r[i]) for r in [header, *rows, *summary]) for i in range(len(header))]
 
@@ -49,8 +82,27 @@ def format_table(result: EvalResult) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     rule = "-" * len(line(header))
+    return [line(header), rule, *map(line, rows), rule, *map(line, summary)]
+
+
+def format_table(result: EvalResult, width: int = TABLE_WIDTH) -> str:
+    """Groups as rows (with their counts), methods as columns, then the summary rows.
+
+    Cells carry their interval (``0.812 [0.710, 0.890]``) when the run has intervals and
+    the table fits in ``width`` characters; otherwise point estimates only.
+    """
     title = f"{result.dump['dataset']} [{result.dump['robust']['split']}]  model {result.dump['model']} / {result.dump['pretrained']}"
-    return "\n".join([title, line(header), rule, *map(line, rows), rule, *map(line, summary)])
+    settings = result.dump.get("robust", {}).get("intervals")
+    lines = _table_lines(result, intervals=bool(settings))
+    note = ""
+    if settings:
+        boot = (f"; bootstrap, {settings['bootstrap_samples']} resamples within groups, seed {settings['seed']}"
+                if settings.get("bootstrap_samples") else "")
+        note = f"[low, high]: {settings['ci_level']:.0%} intervals (Wilson for groups{boot})"
+        if max(len(x) for x in lines) > width:
+            lines = _table_lines(result, intervals=False)
+            note = f"intervals ({settings['ci_level']:.0%}) left out to fit {width} columns: see the results JSON"
+    return "\n".join([title, *lines, *([note] if note else [])])
 
 
 def predictions_path(results_path: str) -> str:
@@ -90,14 +142,23 @@ def _write_plot(result: EvalResult, path: str) -> None:
     width = 0.8 / n_methods
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 1.5) + 2.5, 4))
     x = np.arange(len(groups))
+    errors = False
     for j, method in enumerate(result.methods):
-        accs = [method.metrics.get(f"group_acc/{g}", math.nan) for g in groups]
+        accs = np.array([method.metrics.get(f"group_acc/{g}", math.nan) for g in groups], dtype=float)
+        low = np.array([method.metrics.get(f"group_acc_ci_low/{g}", math.nan) for g in groups], dtype=float)
+        high = np.array([method.metrics.get(f"group_acc_ci_high/{g}", math.nan) for g in groups], dtype=float)
+        yerr = None
+        if np.isfinite(low).any():
+            errors = True
+            yerr = np.nan_to_num(np.vstack([accs - low, high - accs]), nan=0.0).clip(min=0.0)
         wga = method.metrics.get("worst_group_acc", math.nan)
-        ax.bar(x + (j - (n_methods - 1) / 2) * width, accs, width, label=f"{method.name} (worst {_fmt(wga)})")
+        ax.bar(x + (j - (n_methods - 1) / 2) * width, accs, width, yerr=yerr, capsize=2,
+               error_kw={"elinewidth": 0.8}, label=f"{method.name} (worst {_fmt(wga)})")
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=15, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
+    settings = result.dump.get("robust", {}).get("intervals") or {}
+    ax.set_ylabel(f"accuracy (bars: {settings.get('ci_level', 0.95):.0%} Wilson intervals)" if errors else "accuracy")
     ax.set_title(f"per-group accuracy: {result.dump['dataset']} ({result.dump['model']})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(axis="y", alpha=0.3)

@@ -1,0 +1,49 @@
+"""The ``report`` command (a built-in plugin): one page over many results JSONs.
+
+``clip_benchmark_robust report RESULTS... --output_dir DIR`` reads results JSONs (or
+directories of them) and writes ``results_long.csv``, ``report.md``, PNG plots and a
+self-contained ``report.html`` (see ``docs/report.md``).  Registering the command imports
+nothing heavy; the work lives in :mod:`.build` and is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..hookspecs import hookimpl
+from ..records import CommandContext, CommandSpec
+
+
+def write_report(inputs: list[str], output_dir: str) -> list[str]:
+    """Read the results JSONs in ``inputs`` (files or directories) and write the report into
+    ``output_dir``, all-or-nothing; returns the written paths.  Bad input raises EvalError."""
+    from .build import write_report as build
+
+    return build(inputs, output_dir)
+
+
+def _add_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None:
+    parser.add_argument("results", nargs="+", metavar="RESULTS",
+                        help="results JSON files written by `eval`, or directories searched for them (recursively)")
+    parser.add_argument("--output_dir", required=True, metavar="DIR",
+                        help="where results_long.csv, report.md, report.html and the PNG plots go")
+
+
+def _run(args: argparse.Namespace, ctx: CommandContext) -> int:
+    for path in write_report(args.results, args.output_dir):
+        print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
+@hookimpl
+def register_commands(register):
+    register(CommandSpec(
+        "report",
+        "tables and plots across results JSONs (models, datasets, mitigations, seeds): CSV, Markdown, HTML",
+        _add_arguments,
+        _run,
+        description="Reads results JSONs (or directories of them) and writes DIR/results_long.csv (one row per "
+        "dataset, model, pretrained, method, seed and metric, with its interval), DIR/report.md and DIR/report.html "
+        "(per dataset: a leaderboard with mean +/- std over seeds, or the interval of a single run) and PNG plots.",
+    ))

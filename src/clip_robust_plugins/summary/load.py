@@ -1,0 +1,157 @@
+"""Finding, reading and validating results JSONs; splitting their flat keys into methods and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import EvalError
+
+#: dataset metadata this package writes next to shards; skipped when scanning directories
+SKIPPED_NAMES = ("groups.json",)
+_INTERVAL = re.compile(r"^(?P<head>[^/]*?)_ci_(?P<side>low|high)(?P<tail>/.*)?$")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One results JSON: what it evaluated and its flat metrics."""
+
+    path: str
+    dataset: str
+    model: str
+    pretrained: str
+    seed: Any
+    split: str
+    groups: tuple[str, ...]
+    methods: tuple[str, ...]  # baseline first
+    baseline: str
+    metrics: dict[str, Any]
+    intervals: dict[str, Any] | None
+
+    @property
+    def evaluated(self) -> tuple[str, tuple[str, ...]]:
+        """What the run measured; runs of one dataset that differ here are never averaged."""
+        return self.split, self.groups
+
+    def method_metrics(self, method: str) -> dict[str, Any]:
+        """``method``'s metrics with the ``<method>/`` prefix removed."""
+        prefix = method + "/"
+        owner = {m for m in self.methods if m != method and m.startswith(prefix)}  # a method named "a/b" beside "a"
+        out = {}
+        for key, value in self.metrics.items():
+            if key.startswith(prefix) and not any(key.startswith(o + "/") for o in owner):
+                out[key[len(prefix):]] = value
+        return out
+
+
+def find_results(inputs: Iterable[str]) -> list[str]:
+    """The results JSON paths named by ``inputs``: files as given, directories searched recursively
+    for ``*.json`` (hidden files and ``groups.json`` skipped).  Each path once, in input order."""
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            hits = sorted(
+                str(p) for p in path.rglob("*.json")
+                if p.is_file() and p.name not in SKIPPED_NAMES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not hits:
+                raise EvalError(f"{item}: no results JSON files in this directory")
+            found += hits
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            raise EvalError(f"{item}: no such file or directory")
+    return list(dict.fromkeys(found))
+
+
+def _need(doc: dict, path: str, dotted: str, kind: type | tuple[type, ...]) -> Any:
+    value: Any = doc
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise EvalError(f"{path}: not a clip_benchmark_robust results JSON (no {dotted!r})")
+        value = value[part]
+    if not isinstance(value, kind):
+        raise EvalError(f"{path}: not a clip_benchmark_robust results JSON ({dotted!r} is a {type(value).__name__})")
+    return value
+
+
+def load_run(path: str) -> Run:
+    """Read and validate one results JSON; a file that is unreadable or of another kind raises EvalError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict):
+        raise EvalError(f"{path}: not a clip_benchmark_robust results JSON (not a JSON object)")
+    for key in ("dataset", "model", "pretrained"):
+        _need(doc, path, key, str)
+    metrics = _need(doc, path, "metrics", dict)
+    methods = _need(doc, path, "robust.methods", dict)
+    baseline = _need(doc, path, "robust.baseline", str)
+    split = _need(doc, path, "robust.split", str)
+    groups = _need(doc, path, "robust.groups", list)
+    if not methods or baseline not in methods:
+        raise EvalError(f"{path}: not a clip_benchmark_robust results JSON (baseline {baseline!r} not among its methods)")
+    order = [baseline] + [m for m in methods if m != baseline]
+    for method in order:
+        if not any(k.startswith(method + "/") for k in metrics):
+            raise EvalError(f"{path}: method {method!r} has no metrics")
+    intervals = doc["robust"].get("intervals")
+    return Run(
+        path=path, dataset=doc["dataset"], model=doc["model"], pretrained=doc["pretrained"],
+        seed=doc["robust"].get("seed"), split=split, groups=tuple(str(g) for g in groups),
+        methods=tuple(order), baseline=baseline, metrics=metrics,
+        intervals=intervals if isinstance(intervals, dict) else None,
+    )
+
+
+def load_runs(inputs: Iterable[str]) -> list[Run]:
+    """Every results JSON named by ``inputs``, validated before anything is written."""
+    return [load_run(p) for p in find_results(inputs)]
+
+
+def interval_of(key: str) -> tuple[str, str] | None:
+    """``(base metric, "low" | "high")`` when ``key`` is an interval key, else None."""
+    match = _INTERVAL.match(key)
+    if match is None:
+        return None
+    return match["head"] + (match["tail"] or ""), match["side"]
+
+
+def split_intervals(metrics: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
+    """``{metric: (value, ci_low, ci_high)}``: interval keys folded into the metric they belong to."""
+    out: dict[str, list[Any]] = {}
+    folded: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        parsed = interval_of(key)
+        if parsed is not None and parsed[0] in metrics:
+            folded.setdefault(parsed[0], {})[parsed[1]] = value
+        else:
+            out[key] = [value, None, None]
+    for key, sides in folded.items():
+        out[key][1], out[key][2] = sides.get("low"), sides.get("high")
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def short(path: str) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel

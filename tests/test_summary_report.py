@@ -1,0 +1,165 @@
+"""``clip_benchmark_robust report``: two seeds of one eval and one eval of another model."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from clip_robust_plugins import cli, engine, plugins
+from clip_robust_plugins.intervals import add_intervals, interval_config
+from clip_robust_plugins.pytest_plugin import TINY_SHARDS_FLAGS
+from clip_robust_plugins.summary import write_report
+from clip_robust_plugins.summary.load import interval_of
+
+
+def _evaluate_with_intervals(original):
+    """Until engine.evaluate calls add_intervals itself (the lead wires it; then drop this wrapper)."""
+
+    def evaluate(args, registry):
+        result = original(args, registry)
+        if result is not None and "intervals" not in result.dump["robust"]:
+            cfg = interval_config(args)
+            add_intervals(result, cfg.bootstrap_samples, cfg.ci_level, args.seed,
+                          engine.load_dataset(args, registry).schema.counts("train"))
+        return result
+
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, crp_tiny_shards) -> dict[str, Path]:
+    """Three results JSONs: crp-tiny/spurious_shapes with seeds 0 and 1, crp-tiny/spurious_quadrants seed 0."""
+    out = tmp_path_factory.mktemp("report_runs")
+    cache = tmp_path_factory.mktemp("report_features")
+    runs = {"s0": ("spurious_shapes", 0), "s1": ("spurious_shapes", 1), "q0": ("spurious_quadrants", 0)}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "evaluate", _evaluate_with_intervals(engine.evaluate))
+        for name, (pretrained, seed) in runs.items():
+            argv = ["eval", "--dataset", "robust/spurious_shapes", "--dataset_root", str(crp_tiny_shards),
+                    *TINY_SHARDS_FLAGS, "--model", "crp-tiny", "--pretrained", pretrained, "--seed", str(seed),
+                    "--mitigation", "erm_head", "--bootstrap_samples", "200", "--no_amp", "--num_workers", "0",
+                    "--feature_cache", str(cache), "--output", str(out / f"{name}.json")]
+            try:
+                assert cli.main(argv) == 0
+            finally:
+                plugins.set_plugin_manager(None)
+    return {name: out / f"{name}.json" for name in runs}
+
+
+@pytest.fixture(scope="module")
+def report_dir(results, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("report") / "out"
+    written = write_report([str(results["s0"].parent)], str(directory))
+    assert sorted(os.path.basename(p) for p in written) == sorted(os.listdir(directory))
+    return directory
+
+
+def test_report_writes_the_four_outputs(report_dir):
+    names = set(os.listdir(report_dir))
+    assert {"results_long.csv", "report.md", "report.html"} <= names
+    pngs = sorted(n for n in names if n.endswith(".png"))
+    assert pngs == ["robust_spurious_shapes_worst_group.png", "robust_spurious_shapes_worst_vs_average.png"]
+    for name in pngs:
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (report_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page and 'src="robust' not in page
+    embedded = page.split("data:image/png;base64,")[1].split('"')[0]
+    assert base64.b64decode(embedded) == (report_dir / pngs[0]).read_bytes()
+
+
+def test_long_csv_values_equal_the_jsons(results, report_dir):
+    with open(report_dir / "results_long.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    seen = set()
+    for path in results.values():
+        doc = json.loads(path.read_text())
+        mine = [r for r in rows if r["source"] == str(path)]
+        by_key = {(r["method"], r["metric"]): r for r in mine}
+        assert len(by_key) == len(mine)  # one row per (method, metric) of a run
+        for key, value in doc["metrics"].items():
+            method, _, metric = key.partition("/")
+            if not metric:
+                continue  # clip_benchmark's top-level copies of the baseline's keys
+            parsed = interval_of(metric)
+            if parsed is not None and f"{method}/{parsed[0]}" in doc["metrics"]:
+                row = by_key[(method, parsed[0])]
+                cell = row["ci_low" if parsed[1] == "low" else "ci_high"]
+            else:
+                row = by_key[(method, metric)]
+                cell = row["value"]
+                assert (row["dataset"], row["model"], row["pretrained"], row["seed"]) == (
+                    doc["dataset"], doc["model"], doc["pretrained"], str(doc["robust"]["seed"]))
+            seen.add((str(path), method, metric))
+            if isinstance(value, str):
+                assert cell == value
+            elif math.isnan(value):
+                assert math.isnan(float(cell))
+            else:
+                assert float(cell) == value  # exactly
+    assert len(seen) == sum(1 for p in results.values() for k in json.loads(p.read_text())["metrics"] if "/" in k)
+    wga = [r for r in rows if r["metric"] == "worst_group_acc"]
+    assert wga and all(r["ci_low"] and r["ci_high"] for r in wga)
+
+
+def test_markdown_shows_mean_std_for_the_seeded_pair_and_intervals_for_the_single_run(results, report_dir):
+    md = (report_dir / "report.md").read_text()
+    assert "## robust/spurious_shapes (split test, 4 groups)" in md
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in md.splitlines()
+             if line.startswith("| crp-tiny")}
+    pair = lines[("crp-tiny", "spurious_shapes", "zeroshot")]
+    single = lines[("crp-tiny", "spurious_quadrants", "erm_head")]
+    s0 = json.loads(results["s0"].read_text())["metrics"]
+    s1 = json.loads(results["s1"].read_text())["metrics"]
+    mean = (s0["zeroshot/worst_group_acc"] + s1["zeroshot/worst_group_acc"]) / 2
+    assert f"{mean:.3f} ± " in pair and "2 (0, 1)" in pair
+    q0 = json.loads(results["q0"].read_text())["metrics"]
+    want = f"{q0['erm_head/worst_group_acc']:.3f} [{q0['erm_head/worst_group_acc_ci_low']:.3f}, " \
+           f"{q0['erm_head/worst_group_acc_ci_high']:.3f}]"
+    assert want in single and "±" not in single
+    assert md.count("**") >= 2  # best per column marked
+    assert len(lines) == 4  # 2 models x 2 methods
+
+
+def test_runs_that_evaluated_other_groups_are_separate_rows(results, tmp_path):
+    doc = json.loads(results["q0"].read_text())
+    doc["robust"]["split"] = "val"
+    other = tmp_path / "other_split.json"
+    other.write_text(json.dumps(doc))
+    out = tmp_path / "report"
+    write_report([str(results["s0"]), str(other)], str(out))
+    md = (out / "report.md").read_text()
+    assert "(split test, 4 groups)" in md and "(split val, 4 groups)" in md
+    assert "never averaged" in md
+    assert {"robust_spurious_shapes_1_worst_group.png", "robust_spurious_shapes_2_worst_group.png"} <= set(os.listdir(out))
+
+
+def test_a_foreign_json_gives_one_line_and_exit_2(results, tmp_path, run_cli):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"dataset": "cifar10", "model": "ViT-B-32", "pretrained": "openai",
+                                   "metrics": {"acc1": 0.9}}))
+    out = tmp_path / "report"
+    rc, stdout, stderr = run_cli("report", str(results["s0"]), str(foreign), "--output_dir", str(out))
+    assert rc == 2
+    assert stderr.strip().count("\n") == 0 and str(foreign) in stderr and "not a clip_benchmark_robust results JSON" in stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_broken_json_and_missing_paths_name_the_file(tmp_path, run_cli):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"dataset": ')
+    rc, _, stderr = run_cli("report", str(broken), "--output_dir", str(tmp_path / "r"))
+    assert rc == 2 and str(broken) in stderr and "not valid JSON" in stderr
+    rc, _, stderr = run_cli("report", str(tmp_path / "nope.json"), "--output_dir", str(tmp_path / "r"))
+    assert rc == 2 and "nope.json: no such file or directory" in stderr
+
+
+def test_report_command_from_the_cli(results, tmp_path, run_cli):
+    rc, _, stderr = run_cli("report", str(results["s0"]), "--output_dir", str(tmp_path / "r"))
+    assert rc == 0 and "report.html" in stderr
+    assert (tmp_path / "r" / "results_long.csv").is_file()
