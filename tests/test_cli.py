@@ -244,3 +244,11 @@ def test_demo_runs_offline_and_writes_table_json_csv_png(run_cli, tmp_path):
     # ... and SEraser with the dataset's masks (the demo's schedule) raises worst-group accuracy
     assert metrics["seraser/worst_group_acc"] > metrics["zeroshot/worst_group_acc"] + 0.1
     assert dump["robust"]["methods"]["seraser"]["hyperparameters"]["view_provider"] == "masks"
+    # one read and decode per split: every kind any method needs comes from that pass
+    passes = [entry["split"] for entry in dump["robust"]["features_extracted"]]
+    assert sorted(passes) == sorted(set(passes)) == ["test", "train", "val"]
+    # intervals for every method, and the report page the demo ends with
+    for method in dump["robust"]["methods"]:
+        assert metrics[f"{method}/worst_group_acc_ci_low"] <= metrics[f"{method}/worst_group_acc"]
+    page = (out / "report" / "report.html").read_text()
+    assert "robust/spurious_shapes" in page and "data:image/png;base64," in page

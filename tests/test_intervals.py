@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from clip_robust_plugins import engine
 from clip_robust_plugins.intervals import (
     BOOTSTRAP_STATS,
     DELTA_STATS,
@@ -206,23 +205,7 @@ def test_interval_config_defaults_and_flags():
     assert (cfg.bootstrap_samples, cfg.ci_level) == (50, 0.95)
 
 
-# -- until engine.evaluate calls add_intervals itself (the lead wires it; then delete this fixture) --
-@pytest.fixture
-def engine_with_intervals(monkeypatch):
-    original = engine.evaluate
-
-    def evaluate(args, registry):
-        result = original(args, registry)
-        if result is not None and "intervals" not in result.dump["robust"]:
-            cfg = interval_config(args)
-            add_intervals(result, cfg.bootstrap_samples, cfg.ci_level, args.seed,
-                          engine.load_dataset(args, registry).schema.counts("train"))
-        return result
-
-    monkeypatch.setattr(engine, "evaluate", evaluate)
-
-
-def test_real_results_json_has_the_interval_keys_for_every_method(engine_with_intervals, crp_eval):
+def test_real_results_json_has_the_interval_keys_for_every_method(crp_eval):
     first = crp_eval("--bootstrap_samples", "300", "--ci_level", "0.9", "--seed", "3", mitigation=["erm_head"])
     metrics, groups = first["metrics"], first["robust"]["groups"]
     assert first["robust"]["intervals"]["bootstrap_samples"] == 300 and first["robust"]["intervals"]["ci_level"] == 0.9

@@ -11,25 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from clip_robust_plugins import cli, engine, plugins
-from clip_robust_plugins.intervals import add_intervals, interval_config
+from clip_robust_plugins import cli
 from clip_robust_plugins.pytest_plugin import TINY_SHARDS_FLAGS
 from clip_robust_plugins.summary import write_report
 from clip_robust_plugins.summary.load import interval_of
-
-
-def _evaluate_with_intervals(original):
-    """Until engine.evaluate calls add_intervals itself (the lead wires it; then drop this wrapper)."""
-
-    def evaluate(args, registry):
-        result = original(args, registry)
-        if result is not None and "intervals" not in result.dump["robust"]:
-            cfg = interval_config(args)
-            add_intervals(result, cfg.bootstrap_samples, cfg.ci_level, args.seed,
-                          engine.load_dataset(args, registry).schema.counts("train"))
-        return result
-
-    return evaluate
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +23,12 @@ def results(tmp_path_factory, crp_tiny_shards) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("report_runs")
     cache = tmp_path_factory.mktemp("report_features")
     runs = {"s0": ("spurious_shapes", 0), "s1": ("spurious_shapes", 1), "q0": ("spurious_quadrants", 0)}
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(engine, "evaluate", _evaluate_with_intervals(engine.evaluate))
-        for name, (pretrained, seed) in runs.items():
-            argv = ["eval", "--dataset", "robust/spurious_shapes", "--dataset_root", str(crp_tiny_shards),
-                    *TINY_SHARDS_FLAGS, "--model", "crp-tiny", "--pretrained", pretrained, "--seed", str(seed),
-                    "--mitigation", "erm_head", "--bootstrap_samples", "200", "--no_amp", "--num_workers", "0",
-                    "--feature_cache", str(cache), "--output", str(out / f"{name}.json")]
-            try:
-                assert cli.main(argv) == 0
-            finally:
-                plugins.set_plugin_manager(None)
+    for name, (pretrained, seed) in runs.items():
+        argv = ["eval", "--dataset", "robust/spurious_shapes", "--dataset_root", str(crp_tiny_shards),
+                *TINY_SHARDS_FLAGS, "--model", "crp-tiny", "--pretrained", pretrained, "--seed", str(seed),
+                "--mitigation", "erm_head", "--bootstrap_samples", "200", "--no_amp", "--num_workers", "0",
+                "--feature_cache", str(cache), "--output", str(out / f"{name}.json")]
+        assert cli.main(argv) == 0
     return {name: out / f"{name}.json" for name in runs}
 
 

@@ -187,8 +187,13 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         print(f"demo: {PROG} {' '.join(eval_argv)}", file=sys.stderr)
         args = build_parser(pm, registry, "eval").parse_args(eval_argv)
         run_eval(args, pm, registry)
+        from .summary import write_report
+
         out = os.path.join(demo_args.output_dir, "results")
-        print(f"demo: wrote {out}.json, {out}_predictions.csv and {out}_groups.png", file=sys.stderr)
+        report_dir = os.path.join(demo_args.output_dir, "report")
+        write_report([args.output], report_dir)
+        print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and "
+              f"{os.path.join(report_dir, 'report.html')}", file=sys.stderr)
         return 0
     args = parser.parse_args(argv)
     which = getattr(args, "which", None)

@@ -22,6 +22,7 @@ from .datasets.plain_wds import ClassOnlyShards, is_class_only_root
 from .datasets.sources import is_remote_root
 from .datasets.wds import GroupedShards, has_groups
 from .errors import EvalError
+from .intervals import add_intervals, interval_config
 from .plugins import PluginError, Registry
 from .records import DatasetRequest, MitigationSpec, Predictions
 from .results import EvalResult, MethodResult
@@ -350,7 +351,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         dump["classnames"] = list(classnames)
     if args.dump_templates:
         dump["templates"] = templates
-    return EvalResult(
+    result = EvalResult(
         dump=dump,
         keys=eval_fs.keys,
         y=eval_fs.y.numpy(),
@@ -360,6 +361,9 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         provenance={**provenance, "dataset": args.dataset},
         extra_files=extra_files,
     )
+    intervals = interval_config(args)
+    add_intervals(result, intervals.bootstrap_samples, intervals.ci_level, args.seed, schema.counts("train"))
+    return result
 
 
 def output_path(args: argparse.Namespace, task: str = "zeroshot_classification") -> str:
