@@ -22,10 +22,6 @@ import torch
 import torch.distributed as torch_dist
 
 
-class DistributedError(RuntimeError):
-    """Another rank failed; the message is that rank's error."""
-
-
 @dataclass
 class DistContext:
     """This process's place in a torchrun job."""
