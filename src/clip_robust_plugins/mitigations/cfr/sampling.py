@@ -52,7 +52,7 @@ def sample_positives(
         if len(members) == 0:
             continue
         if len(members) >= k:
-            pick = torch.rand(len(rows), len(members), generator=generator).argsort(dim=1)[:, :k]
+            pick = torch.rand(len(rows), len(members), generator=generator).topk(k, dim=1, largest=False).indices
         else:
             pick = torch.randint(len(members), (len(rows), k), generator=generator)
         out[rows] = members[pick]
