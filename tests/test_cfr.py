@@ -32,7 +32,6 @@ from clip_robust_plugins.features import (
 )
 from clip_robust_plugins.groups import two_field_schema
 from clip_robust_plugins.mitigations import cfr as cfr_module
-from clip_robust_plugins.mitigations.cfr import training as cfr_training
 from clip_robust_plugins.mitigations.cfr import (
     CFR,
     CFRConfig,
@@ -44,6 +43,7 @@ from clip_robust_plugins.mitigations.cfr import (
     load_cfr_model,
     sample_positives,
 )
+from clip_robust_plugins.mitigations.cfr import training as cfr_training
 from clip_robust_plugins.states import StateError, read_state, write_state
 
 SCHEMA = two_field_schema(["c0", "c1"], ["a0", "a1"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...states import load_base_model
-from . import NAME
+from .config import NAME
 from .heads import apply_head
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import LEARNABLE_INIT
+from .config import LEARNABLE_INIT
 
 
 def cosine_weight(epoch: int, epochs: int) -> float:

@@ -21,7 +21,7 @@ from ...features import HEAD_ADAPTER, HEAD_TYPES, projection_head_type
 from ...metrics import class_metrics, worst_group_accuracy
 from ...states import StateError
 from ..base import Mitigation, RunContext
-from . import FEATURE_KIND, NAME, CFRConfig
+from .config import FEATURE_KIND, NAME, CFRConfig
 from .heads import apply_head, init_head
 from .losses import cosine_weight, feature_dropout, info_nce, make_logit_scale, supcon
 from .sampling import AnchorCycle, authors_negatives, calibration_split, hard_negatives, sample_positives
