@@ -48,10 +48,10 @@ class CFRConfig:
     the authors' settings are available as options.
     """
 
-    epochs: int = option(100, "contrastive recalibration epochs, one val check each (authors: 100)", type=at_least(1))
+    epochs: int = option(30, "contrastive recalibration epochs, one val check each (authors: 100)", type=at_least(1))
     erm_epochs: int = option(20, "CLIP+ERM epochs that build the calibration set", type=at_least(0))
     erm_selection: str = option(
-        "last", "CLIP+ERM checkpoint: last epoch, or best by the --cfr_selection criterion on val (the authors')",
+        "best", "CLIP+ERM checkpoint: best epoch by the --cfr_selection criterion on val (the authors'), or the last",
         choices=ERM_SELECTIONS)
     optimizer: str = option("adamw", "optimizer of both stages: adamw, or sgd with momentum 0.9 (the authors' base code)",
                             choices=OPTIMIZERS)
