@@ -232,7 +232,9 @@ class CFR(Mitigation):
             "head_type": self.head_type,
             "labels_used": labels,
             "group_labels_used_for": (
-                "model selection on val (worst-group accuracy)" if cfg.uses_group_labels else "nothing"),
+                "model selection on val (worst-group accuracy): the recalibration epoch"
+                + (" and the CLIP+ERM epoch" if cfg.erm_selection == "best" else "")
+                if cfg.uses_group_labels else "nothing"),
             "selection": {
                 "criterion": cfg.selection, "split": "val", "metric": key, "epoch": best_epoch, "value": best_value,
                 "reason": f"{'highest' if higher else 'lowest'} {criterion_text} over {cfg.epochs} recalibration "
