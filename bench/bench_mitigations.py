@@ -14,7 +14,8 @@ b. the same with ``--mitigation dfr cfr``.
 It reports wall time, the ratio b/a, and from b's results JSON the feature passes the
 engine made (each (split, kinds) must appear once: the mitigations share one extraction
 per split and never re-extract) and each method's fit time, so the ratio can be split
-into extraction and training.  Numbers go to ``--output`` (JSON).
+into extraction and training (CFR's three stages are listed separately: its cost is
+``--cfr_epochs`` recalibration epochs).  Numbers go to ``--output`` (JSON).
 """
 
 from __future__ import annotations
@@ -64,17 +65,22 @@ def main() -> None:
         passes = last["robust"]["features_extracted"]
         keys = [(e["split"], tuple(e["kinds"])) for e in passes]
         fit = {m: info["fit_seconds"] for m, info in last["robust"]["methods"].items()}
+        cfr_hp = last["robust"]["methods"].get("cfr", {}).get("hyperparameters", {})
+        cfr_stages = cfr_hp.get("seconds")
         a, b = statistics.median(zs), statistics.median(mit)
         fit_total = sum(fit.values())
         print(f"a: zero-shot only                 {a:7.2f} s")
         print(f"b: zero-shot + {' + '.join(args.mitigation):17s} {b:7.2f} s   b/a = {b / a:.2f}")
         print(f"   of which mitigation fitting    {fit_total:7.2f} s   {fit}")
         print(f"   b without fitting / a          {(b - fit_total) / a:.2f}")
+        if cfr_stages:
+            per_epoch = cfr_stages["recalibration"] / max(1, cfr_hp["epochs"])
+            print(f"   cfr stages {cfr_stages}  ({cfr_hp['epochs']} epochs, {per_epoch:.2f} s/epoch)")
         print(f"   feature passes in b: {keys}  (each split once: {len(set(s for s, _ in keys)) == len(keys)})")
         Path(args.output).write_text(json.dumps({
             "zeroshot_seconds": zs, "mitigation_seconds": mit, "ratio": b / a, "fit_seconds": fit,
             "ratio_without_fit": (b - fit_total) / a, "feature_passes": passes,
-            "mitigations": args.mitigation, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "mitigations": args.mitigation, "cfr_stage_seconds": cfr_stages, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
         }, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -43,6 +43,7 @@ from clip_robust_plugins.mitigations.cfr import (
     load_cfr_model,
     sample_positives,
 )
+from clip_robust_plugins.mitigations.cfr import training as cfr_training
 from clip_robust_plugins.states import StateError, read_state, write_state
 
 SCHEMA = two_field_schema(["c0", "c1"], ["a0", "a1"])
@@ -262,13 +263,13 @@ def test_hard_negatives_are_the_most_similar_samples_of_other_classes():
 def test_the_fit_uses_hard_negatives_from_other_classes(monkeypatch):
     """The fit hands the InfoNCE term the precomputed other-class hard negatives (not same-class ones)."""
     seen = []
-    real = cfr_module.info_nce
+    real = cfr_training.info_nce
 
     def spy(anchor, positives, negatives, tau):
         seen.append((anchor.detach(), positives.detach(), negatives.detach()))
         return real(anchor, positives, negatives, tau)
 
-    monkeypatch.setattr(cfr_module, "info_nce", spy)
+    monkeypatch.setattr(cfr_training, "info_nce", spy)
     ctx = make_ctx()
     method = fitted(ctx, epochs=1)
     assert seen and seen[0][1].shape[1] == 16 and seen[0][2].shape[1] == 16

@@ -323,12 +323,25 @@ def test_registered_through_the_hooks_with_flags():
     parser = argparse.ArgumentParser()
     dfr.add_arguments(parser.add_argument_group("dfr"))
     defaults = parser.parse_args([])
-    assert defaults.dfr_c_grid == list(dfr.DEFAULT_C_GRID) and defaults.dfr_n_fits is None
+    assert defaults.dfr_c_grid is None and defaults.dfr_n_fits is None  # flags default to None: the config decides
+    assert val.create(defaults).c_grid == dfr.DEFAULT_C_GRID and val.create(defaults).max_iter == dfr.DEFAULT_MAX_ITER
     assert val.create(defaults).n_fits == 20 and train.create(defaults).n_fits == 10
     opts = parser.parse_args(["--dfr_c_grid", "0.5", "0.05", "--dfr_n_fits", "3", "--dfr_max_iter", "50"])
     made = val.create(opts)
     assert (made.c_grid, made.n_fits, made.max_iter) == ((0.5, 0.05), 3, 50)
     assert train.create(argparse.Namespace()).c_grid == dfr.DEFAULT_C_GRID  # flags absent: defaults
+    with pytest.raises(SystemExit):  # a bad value is argparse's one-line error naming the flag
+        parser.parse_args(["--dfr_n_fits", "0"])
+
+
+def test_registration_imports_neither_torch_nor_sklearn():
+    import subprocess
+    import sys
+
+    code = ("import sys; import clip_robust_plugins.mitigations.dfr as d; d.DFRConfig(); "
+            "print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ------------------------------------------------------------------ end to end

@@ -1,103 +1,34 @@
-"""Deep Feature Reweighting (DFR): retrain the last layer on group-balanced data.
+"""Deep Feature Reweighting (DFR, Kirichenko et al., ICLR 2023): retrain the last layer, an L1
+logistic regression on cached CLIP image embeddings, on group-balanced data.
 
-Kirichenko, Izmailov & Wilson, "Last Layer Re-Training is Sufficient for Robustness to
-Spurious Correlations", ICLR 2023 (arXiv 2204.02937).  Authors' code:
-github.com/PolinaKirichenko/deep_feature_reweighting, ``dfr_evaluate_spurious.py``
-(read at commit 9d8d5de); the function names below refer to that file.
-
-Here the frozen "feature extractor" is the open_clip image tower: DFR fits an
-L1-regularised logistic regression on cached, L2-normalised image embeddings.
-
-Two mitigations, one class (:class:`DFR`):
-
-``dfr`` = DFR^Val_Tr (the paper's main protocol; authors' ``dfr_on_validation_tune`` /
-``dfr_on_validation_eval`` with their defaults ``balance_dfr_val=True``,
-``notrain_dfr_val=True``, so no train data and class weights fixed to 1).  Reads the
-val split only, with class and group labels.
-
-1. Split val into two halves at random (seeded).  The authors draw one random
-   permutation of all of val; **deviation**: we split each group separately (its
-   first ``n_g // 2`` shuffled members go to the selection half, the rest to the
-   tuning half), which is still a random half split but cannot leave a group out of
-   the tuning half or make it vanish by chance on small val sets.  As in the authors'
-   code the tuning half gets the extra sample when a count is odd.
-2. Group-balance the tuning half: every non-empty group is subsampled without
-   replacement to the size of the smallest non-empty group (:func:`group_balanced_subsample`).
-3. ``StandardScaler`` fitted on that balanced tuning data (as the authors).
-4. For each C in ``--dfr_c_grid`` (default 1, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01, the
-   authors' Waterbirds ``C_OPTIONS``): L1 logistic regression, liblinear, default
-   ``tol``/``max_iter`` (as the authors), fitted on the balanced tuning half.
-5. Pick C by worst-group accuracy on the *other* half only (:func:`select_c`);
-   groups empty in that half are left out of the minimum (the authors' code would get
-   a NaN there).  Ties go to the first C in grid order, as ``np.argmax`` over the
-   authors' dict does (the default grid lists the weakest regularisation first).
-6. Final model: ``--dfr_n_fits`` (default 20, the authors' ``num_retrains``) fits with
-   the chosen C, each on a fresh group-balanced subsample of the *whole* val split;
-   the head is the mean of their ``coef_`` and ``intercept_`` (as the authors).
-   Standardisation for these fits and for prediction: one ``StandardScaler`` fitted
-   on all (unbalanced) val embeddings.  **Deviation**: the authors'
-   ``dfr_on_validation_eval`` fits that scaler on the *train* embeddings
-   (``scaler.fit(all_embeddings["train"])``); we keep DFR^Val_Tr to the val split so
-   it needs neither the train split nor its extraction.  The scaler is label-free, and
-   the rule "fit it on the whole retraining split" is then the same for both variants.
-
-``dfr_train`` = DFR^Tr_Tr (authors' ``dfr_train_subset_tune`` /
-``dfr_train_subset_eval``).  Retrains on the train split with its group labels;
-selects C on the val split with its group labels, as the authors and the paper do
-(hence ``fit_splits=("train", "val")``).
-
-1. ``StandardScaler`` fitted on all train embeddings (as the authors, for tuning and
-   for the final fits alike).
-2. One group-balanced subsample of train; fit each C; pick C by worst-group accuracy
-   on the whole val split.  **Deviation**: the authors cap these tuning fits at
-   ``max_iter=20`` while their final fits use the default 100; we use one
-   ``--dfr_max_iter`` (default 100) throughout, so C is chosen for the model that is
-   actually fitted.
-3. Final model: ``--dfr_n_fits`` fits (default **10**, the authors' ``num_retrains`` for
-   this variant) on fresh group-balanced subsamples of train; mean coef and intercept.
-
-Both variants:
-
-- Groups with no sample in a split are skipped when balancing (otherwise the smallest
-  group would have size 0); they are listed under ``empty_groups`` in the
-  hyperparameters and a ``UserWarning`` says so.  A class with no sample in the
-  retraining split is a ``ValueError`` naming the split.
-- Randomness comes only from ``ctx.rng(<mitigation name>/<purpose>)`` (the run's
-  ``--seed``), never from global generators; liblinear's own ``random_state`` is drawn
-  from such a generator too.
-- L1 is requested as ``l1_ratio=1.0`` on scikit-learn >= 1.8 (``penalty=`` is
-  deprecated there) and as ``penalty="l1"`` on older releases, where ``l1_ratio`` alone
-  would silently fit L2.  Either way no deprecation warning is emitted.
-- liblinear is binary only in scikit-learn >= 1.8; with three or more classes each
-  fit is one-vs-rest (one binary L1 fit per class), which is what older liblinear did.
-- The head is stored in logit form: rows ``(n_classes, D)``.  For two classes the
-  binary decision ``w.x + b`` becomes logits ``(-(w.x+b)/2, +(w.x+b)/2)``, so the argmax
-  is sklearn's decision and the softmax its probability.
-- ``ConvergenceWarning`` from liblinear is counted (``convergence_warnings`` in the
-  hyperparameters) and reported once per fit as a single warning instead of once per
-  liblinear call.
+``dfr`` is DFR^Val_Tr (retrains on val), ``dfr_train`` DFR^Tr_Tr (retrains on train, selects C
+on val).  Protocol, the authors' code it follows and our deviations: ``docs/methods/dfr.md``.
+scikit-learn and torch are imported when a run fits or predicts, not at registration.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sklearn
-import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
+from ..argtypes import add_config_flags, at_least, config_from_options, option, positive_float
 from ..groups import DEFAULT_GROUPING
 from ..hookspecs import hookimpl
+from ..metrics import worst_group_accuracy
 from ..records import MitigationSpec, Needs
 from .base import Mitigation, RunContext
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from sklearn.linear_model import LogisticRegression
 
 NAME_VAL = "dfr"
 NAME_TRAIN = "dfr_train"
@@ -124,13 +55,36 @@ CITATION = (
 )
 
 
+@dataclass(frozen=True)
+class DFRConfig:
+    """The ``--dfr_*`` flags (shared by ``dfr`` and ``dfr_train``)."""
+
+    c_grid: tuple[float, ...] = option(
+        DEFAULT_C_GRID, "inverse L1 strengths to select from by worst-group accuracy (the authors' grid)",
+        type=positive_float, metavar="C")
+    n_fits: int | None = option(
+        None, f"group-balanced refits averaged into the final head (none: {DEFAULT_N_FITS[NAME_VAL]} for dfr, "
+        f"{DEFAULT_N_FITS[NAME_TRAIN]} for dfr_train, as the authors)", type=at_least(1))
+    max_iter: int = option(DEFAULT_MAX_ITER, "liblinear iteration cap per fit", type=at_least(1))
+
+
 def _sklearn_version() -> tuple[int, int]:
+    import sklearn
+
     major, minor = (int(p) for p in re.findall(r"\d+", sklearn.__version__)[:2])
     return major, minor
 
 
-#: how to ask LogisticRegression for a pure L1 penalty on the installed scikit-learn
-L1_KWARGS: dict[str, Any] = {"l1_ratio": 1.0} if _sklearn_version() >= (1, 8) else {"penalty": "l1"}
+@functools.cache
+def l1_kwargs() -> dict[str, Any]:
+    """How to ask LogisticRegression for a pure L1 penalty on the installed scikit-learn."""
+    return {"l1_ratio": 1.0} if _sklearn_version() >= (1, 8) else {"penalty": "l1"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "L1_KWARGS":  # the former module constant, now computed on first use
+        return dict(l1_kwargs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -167,18 +121,10 @@ def split_halves(groups: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return np.sort(np.concatenate(tuning)), np.sort(np.concatenate(selection))
 
 
-def worst_group_accuracy(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, dict[int, float]]:
-    """Worst accuracy over the groups present in ``groups``, and every present group's accuracy."""
-    correct = np.asarray(pred) == np.asarray(y)
-    groups = np.asarray(groups)
-    per_group = {int(g): float(correct[groups == g].mean()) for g in np.unique(groups)}
-    if not per_group:
-        raise ValueError("worst-group accuracy of an empty set")
-    return min(per_group.values()), per_group
-
-
 def _l1_logreg(C: float, max_iter: int, random_state: int) -> LogisticRegression:
-    return LogisticRegression(C=C, solver="liblinear", max_iter=max_iter, random_state=random_state, **L1_KWARGS)
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, solver="liblinear", max_iter=max_iter, random_state=random_state, **l1_kwargs())
 
 
 def fit_l1_logreg(
@@ -190,6 +136,8 @@ def fit_l1_logreg(
     single binary row ``w, b`` becomes ``(-w/2, -b/2), (w/2, b/2)``.  More classes:
     one-vs-rest, one binary fit per class.
     """
+    from sklearn.exceptions import ConvergenceWarning
+
     present = np.unique(y)
     if not np.array_equal(present, np.arange(n_classes)):
         raise ValueError(f"fit_l1_logreg needs every class 0..{n_classes - 1} in y, got {present.tolist()}")
@@ -241,7 +189,7 @@ def select_c(
     for c in c_grid:
         coef, intercept, bad = fit_l1_logreg(x_tune, y_tune, n_classes, c, max_iter=max_iter, random_state=random_state)
         n_unconverged += bad
-        wga, _ = worst_group_accuracy(_predict(x_select, coef, intercept), y_select, g_select)
+        wga = worst_group_accuracy(_predict(x_select, coef, intercept), y_select, g_select)
         scores.append({"C": float(c), "worst_group_acc": wga})
     best = int(np.argmax([s["worst_group_acc"] for s in scores]))
     return float(c_grid[best]), scores, n_unconverged
@@ -257,7 +205,7 @@ def _digest(*arrays: np.ndarray) -> str:
 
 # ---------------------------------------------------------------------------- method
 class DFR(Mitigation):
-    """DFR^Val_Tr (``variant="dfr"``) or DFR^Tr_Tr (``variant="dfr_train"``); see the module docstring.
+    """DFR^Val_Tr (``variant="dfr"``) or DFR^Tr_Tr (``variant="dfr_train"``); see docs/methods/dfr.md.
 
     After :meth:`fit`, the subsamples are kept for inspection: ``tuning_indices`` (the
     group-balanced rows the C grid was fitted on), ``selection_indices`` (rows of the
@@ -336,6 +284,10 @@ class DFR(Mitigation):
 
     # ------------------------------------------------------------------ fit
     def fit(self, ctx: RunContext) -> None:
+        import torch
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.preprocessing import StandardScaler
+
         if ctx.eval_split in (self.retrain_split, self.select_split):
             warnings.warn(
                 f"{self.name}: evaluating on {ctx.eval_split!r}, a split {self.paper_name} fits on; "
@@ -430,6 +382,8 @@ class DFR(Mitigation):
 
     # -------------------------------------------------------------- predict
     def predict(self, ctx: RunContext, split: str) -> torch.Tensor:
+        import torch
+
         if self.coef is None:
             raise RuntimeError(f"{self.name}: predict() before fit()")
         x = ctx.features(split).features.to(torch.float64)
@@ -438,6 +392,8 @@ class DFR(Mitigation):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
+        import torch
+
         if self.coef is None:
             raise RuntimeError(f"{self.name}: state_dict() before fit()")
         return {
@@ -449,6 +405,8 @@ class DFR(Mitigation):
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        import torch
+
         expected = {"scaler_mean", "scaler_scale", "coef", "intercept", "C"}
         if set(state) != expected:
             raise ValueError(f"{self.name}: state has keys {sorted(state)}, expected {sorted(expected)}")
@@ -486,32 +444,15 @@ class DFR(Mitigation):
 # --------------------------------------------------------------------------- plugin
 def _create(variant: str):
     def create(options: argparse.Namespace) -> DFR:
-        return DFR(
-            variant=variant,
-            c_grid=getattr(options, "dfr_c_grid", None) or DEFAULT_C_GRID,
-            n_fits=getattr(options, "dfr_n_fits", None),
-            max_iter=getattr(options, "dfr_max_iter", None) or DEFAULT_MAX_ITER,
-        )
+        config = config_from_options(DFRConfig, "dfr_", options)
+        return DFR(variant=variant, c_grid=config.c_grid, n_fits=config.n_fits, max_iter=config.max_iter)
 
     return create
 
 
 @hookimpl
 def add_arguments(parser):
-    parser.add_argument(
-        "--dfr_c_grid", type=float, nargs="+", default=list(DEFAULT_C_GRID), metavar="C",
-        help="dfr/dfr_train: inverse L1 strengths to select from by worst-group accuracy "
-        f"(default: {' '.join(str(c) for c in DEFAULT_C_GRID)}, the authors' grid)",
-    )
-    parser.add_argument(
-        "--dfr_n_fits", type=int, default=None,
-        help=f"dfr/dfr_train: group-balanced refits averaged into the final head "
-        f"(default: {DEFAULT_N_FITS[NAME_VAL]} for dfr, {DEFAULT_N_FITS[NAME_TRAIN]} for dfr_train, as the authors)",
-    )
-    parser.add_argument(
-        "--dfr_max_iter", type=int, default=DEFAULT_MAX_ITER,
-        help=f"dfr/dfr_train: liblinear iteration cap per fit (default: {DEFAULT_MAX_ITER})",
-    )
+    add_config_flags(parser, DFRConfig, "dfr_", topic="dfr/dfr_train")
 
 
 @hookimpl

@@ -1,0 +1,102 @@
+"""CFR (You et al., CVPR 2024): recalibrate CLIP's image projection contrastively on the
+train samples a CLIP+ERM head gets wrong, keeping the zero-shot text head as classifier.
+
+This module holds only what registration needs (the hooks; the config, whose fields are also
+the ``--cfr_*`` flags, is in :mod:`.config`); the training code in :mod:`.training`, :mod:`.heads`,
+:mod:`.losses`, :mod:`.sampling` and :mod:`.loader` is imported when a run uses CFR.
+Protocol, deviations from the authors' code, options and measured results:
+``docs/methods/cfr.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ...argtypes import add_config_flags, config_from_options
+from ...hookspecs import hookimpl
+from ...records import MitigationSpec, ModelLoaderSpec, Needs
+from .config import (
+    CITATION,
+    ERM_SELECTIONS,
+    FEATURE_KIND,
+    LABEL_FREE_SELECTIONS,
+    LEARNABLE_INIT,
+    LOGIT_SCALE,
+    NAME,
+    NEGATIVE_SPACES,
+    NEGATIVES,
+    OPTIMIZERS,
+    SELECTIONS,
+    CFRConfig,
+    logit_scale_arg,
+)
+
+__all__ = [
+    "CITATION", "ERM_SELECTIONS", "FEATURE_KIND", "LABEL_FREE_SELECTIONS", "LEARNABLE_INIT", "LOGIT_SCALE", "NAME",
+    "NEGATIVES", "NEGATIVE_SPACES", "OPTIMIZERS", "SELECTIONS", "CFRConfig", "load_cfr_model", "logit_scale_arg",
+]
+
+_SUBMODULES = ("config", "training", "heads", "losses", "sampling", "loader", "plot")
+
+
+def __getattr__(name: str) -> Any:
+    """The implementation's public names, imported on first use (keeps registration torch-free)."""
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if not name.startswith("_"):
+        for sub in _SUBMODULES:
+            module = importlib.import_module(f"{__name__}.{sub}")
+            if name in vars(module):
+                return vars(module)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cpu", *,
+                   registry: Any = None):
+    """``--model_type cfr --model BASE --pretrained <output>_state_cfr.safetensors`` (see :mod:`.loader`)."""
+    from .loader import load_model
+
+    return load_model(model_name, pretrained, cache_dir, device, registry=registry)
+
+
+def _create(options: argparse.Namespace):
+    from .training import CFR
+
+    return CFR(
+        config_from_options(CFRConfig, "cfr_", options),
+        model_type=getattr(options, "model_type", None) or "open_clip",
+    )
+
+
+@hookimpl
+def add_arguments(parser):
+    add_config_flags(parser, CFRConfig, "cfr_")
+
+
+@hookimpl
+def register_mitigations(register):
+    register(
+        MitigationSpec(
+            name=NAME,
+            create=_create,
+            # group labels: only val's, only for model selection (none with a label-free --cfr_selection)
+            needs=Needs(fit_splits=("train", "val"), labels=frozenset({"class", "group"}), feature_kinds=(FEATURE_KIND,)),
+            description="CFR: recalibrate CLIP's image projection contrastively on ERM-misclassified train samples "
+                        "(class labels; val group labels only for model selection)",
+            citation=CITATION,
+        )
+    )
+
+
+@hookimpl
+def register_model_loaders(register):
+    register(
+        ModelLoaderSpec(
+            NAME, load_cfr_model,
+            "a base open_clip model with a fitted CFR head: --model BASE --pretrained <output>_state_cfr.safetensors",
+            takes_registry=True,
+        )
+    )
