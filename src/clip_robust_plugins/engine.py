@@ -310,7 +310,8 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         }
         state = {k: v for k, v in mitigation.state_dict().items() if v is not None}
         results.append(MethodResult(spec.name, logits, pred, metrics, info, state))
-        extra_files += [(f"_{spec.name}_{name}.png", writer) for name, writer in mitigation.plots().items()]
+        if args.plot:
+            extra_files += [(f"_{spec.name}_{name}.png", writer) for name, writer in mitigation.plots().items()]
 
     flat: dict[str, float | str] = {}
     first = results[0]
