@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_robust_plugins.datasets.base import DatasetError, SampleImage
-from clip_robust_plugins.datasets.spurious_shapes import TEMPLATES, ShapesConfig, iter_split, schema_for
+from clip_robust_plugins.datasets.spurious_shapes import TEMPLATES, ShapesConfig, iter_split
 from clip_robust_plugins.mitigations.seraser import (
     AugmentViews,
     MaskViews,

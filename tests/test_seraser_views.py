@@ -128,3 +128,23 @@ def test_boxes_only_shards_resolve_to_boxes_end_to_end(run_cli, tmp_path):
     assert rc == 0, err
     hp = json.loads(out.read_text())["robust"]["methods"]["seraser"]["hyperparameters"]
     assert hp["view_provider"] == "boxes" and np.isfinite(hp["loss_last_step_mean"])
+
+
+def test_flags_come_from_the_config_dataclasses():
+    import argparse
+
+    from clip_robust_plugins.argtypes import config_from_options
+    from clip_robust_plugins.mitigations import seraser
+
+    parser = argparse.ArgumentParser()
+    seraser.add_arguments(parser)
+    defaults = config_from_options(seraser.SEraserConfig, "seraser_", parser.parse_args([]))
+    assert defaults == seraser.SEraserConfig() and defaults.views == "auto" and defaults.logit_scale == 100.0
+    args = parser.parse_args(["--seraser_logit_scale", "model", "--seraser_no_black_view", "--seraser_views", "authors",
+                              "--seraser_randaugment_ops", "3"])
+    config = config_from_options(seraser.SEraserConfig, "seraser_", args)
+    assert config.logit_scale == "model" and config.black_view is False and config.views == "authors"
+    assert seraser.view_options(args).randaugment_ops == 3 and seraser.view_options(args).n_aug is None
+    assert config_from_options(seraser.SEraserConfig, "seraser_", parser.parse_args(["--no-seraser_black_view"])).black_view is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seraser_logit_scale", "-1"])

@@ -69,6 +69,9 @@ def register_view_providers(register):
 def add_arguments(parser):
     add_config_flags(parser, SEraserConfig, "seraser_")
     add_config_flags(parser, ViewOptions, "seraser_")
+    # the flag's name before the config dataclass made it --no-seraser_black_view
+    parser.add_argument("--seraser_no_black_view", dest="seraser_black_view", action="store_false", default=None,
+                        help=argparse.SUPPRESS)
 
 
 @hookimpl
