@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_robust_plugins.datasets.base import DatasetError, SampleImage
-from clip_robust_plugins.datasets.spurious_shapes import TEMPLATES, ShapesConfig, iter_split, schema_for
+from clip_robust_plugins.datasets.spurious_shapes import TEMPLATES, ShapesConfig, iter_split
 from clip_robust_plugins.mitigations.seraser import (
     AugmentViews,
     MaskViews,
@@ -276,9 +276,18 @@ def test_cli_eval_records_the_view_provider(run_cli, shapes_flags, tmp_path):
     assert info["needs"]["labels"] == [] and info["needs"]["fit_splits"] == [] and info["needs"]["live_model"]
     hp = info["hyperparameters"]
     assert hp["view_provider"] == "masks" and hp["view_provider_plugin"] == "clip_robust_plugins.mitigations.seraser"
+    assert hp["views"] == "auto" and hp["view_provider_reason"].startswith("auto: every sample")
     assert hp["steps"] == 3 and hp["n_images"] == 32 and hp["n_background_views"] == 2
     assert 0.0 <= dump["metrics"]["seraser/worst_group_acc"] <= 1.0
-    assert {e["split"] for e in dump["robust"]["features_extracted"]} == {"test"}  # test-time only
+    extracted = dump["robust"]["features_extracted"]
+    assert {e["split"] for e in extracted} == {"test"}  # test-time only
+    # feature_plan: the test split's views are planned (extracted before the method runs)
+    kinds = [k for e in extracted for k in e["kinds"]]
+    assert kinds[0] == "image" and len(kinds) == 2 and kinds[1].startswith("seraser_views/masks-")
+    diagnostics = hp["diagnostics"]
+    assert diagnostics["ctx_relative_change"]["max"] > 0.0
+    assert -1.0 <= diagnostics["text_cosine_tuned_vs_untuned_min_over_classes"]["min"] <= 1.0
+    assert diagnostics["untuned_margin"]["min"] >= 0.0
 
 
 def test_third_party_view_provider_plugin(run_cli, shapes_flags, tmp_path, monkeypatch):
@@ -312,22 +321,6 @@ def test_third_party_view_provider_plugin(run_cli, shapes_flags, tmp_path, monke
     rc, _, err = run_cli("eval", *shapes_flags, *TINY, "--mitigation", "seraser", "--seraser_views", "nope",
                          "--output", tmp_path / "nope.json")
     assert rc == 2 and "unknown view provider 'nope'" in err and not (tmp_path / "nope.json").exists()
-
-
-def test_masks_on_a_dataset_without_masks_is_one_clear_error(run_cli, tmp_path):
-    from clip_robust_plugins.datasets.wds import write_grouped_dataset
-
-    config = ShapesConfig(train_size=8, val_size=8, test_size=8)
-    root = tmp_path / "nomasks"
-    write_grouped_dataset(root, schema_for(config), TEMPLATES, {
-        split: ((k, im, v, {}, None) for k, im, v, _, _ in iter_split(config, split)) for split in ("train", "test")
-    })
-    out = tmp_path / "res.json"
-    rc, _, err = run_cli("eval", "--dataset", "wds/nomasks", "--dataset_root", root, *TINY, "--mitigation", "seraser",
-                         "--feature_cache", tmp_path / "cache", "--output", out)
-    assert rc == 2 and not out.exists()
-    line = err.strip().splitlines()[-1]
-    assert "no foreground mask for --seraser_views masks" in line and "shapes_test_" in line
 
 
 def test_views_are_not_images_of_other_sizes():
