@@ -490,7 +490,7 @@ def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, sh
 
 
 def test_image_features_derived_from_preproj_are_exact_and_save_a_forward():
-    from clip_robust_plugins.features import _batch_features
+    from clip_robust_plugins.features.towers import _batch_features
 
     model = tiny_vit().eval()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
