@@ -94,7 +94,8 @@ def test_object_box_from_the_json():
 
 
 def test_region_metrics_need_region_labels_and_touch_no_model(tmp_path):
-    from clip_robust_plugins.datasets.spurious_shapes import ShapesConfig, generate as gen_shapes
+    from clip_robust_plugins.datasets.spurious_shapes import ShapesConfig
+    from clip_robust_plugins.datasets.spurious_shapes import generate as gen_shapes
     from clip_robust_plugins.datasets.wds import GroupedShards
 
     gen_shapes(tmp_path / "shapes", ShapesConfig(train_size=8, val_size=8, test_size=8), progress=False)
