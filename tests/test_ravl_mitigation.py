@@ -235,3 +235,21 @@ def test_feature_plan_and_check(flags, tmp_path):
             method.check(ctx)
     finally:
         plugins.set_plugin_manager(None)
+
+
+def test_masked_region_views_keep_the_region_in_place_at_the_images_scale():
+    from PIL import Image
+
+    from clip_robust_plugins.datasets.base import SampleImage
+    from clip_robust_plugins.mitigations.ravl.proposers import GridProposer
+    from clip_robust_plugins.mitigations.ravl.views import TrainViews
+    from clip_robust_plugins.models import load_open_clip
+
+    _, transform, _ = load_open_clip("crp-tiny", "spurious_quadrants")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = TrainViews(transform, GridProposer(2), "masked")(SampleImage("k", image, {}))
+    x = out["views"]  # the image, then one masked copy per quadrant, all at the input size (32 px)
+    assert x.shape == (5, 3, 32, 32) and out["valid"].all()
+    torch.testing.assert_close(x[1, :, :16, :16], x[0, :, :16, :16])  # top-left quadrant: the image's own pixels
+    assert (x[1, :, 16:, :] == 0).all() and (x[1, :, :, 16:] == 0).all()  # the rest: the normalisation mean
+    torch.testing.assert_close(x[4, :, 16:, 16:], x[0, :, 16:, 16:])

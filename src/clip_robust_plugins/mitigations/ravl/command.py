@@ -17,7 +17,9 @@ from .split_discovery import discover
 
 def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None:
     """The ``discover`` subcommand: clip_benchmark's flag names, plus every plugin's flags (datasets, ``--ravl_*``)."""
+    from ...argtypes import add_data_flags
     from ...plugins import add_plugin_flags
+
     parser.add_argument("--dataset", required=True, help="a group dataset: robust/<name> or wds/<name> with groups.json")
     parser.add_argument("--dataset_root", default="root", help="dataset root, clip_benchmark's templating ({dataset})")
     parser.add_argument("--model", required=True, help="open_clip model name (e.g. ViT-B-32, crp-tiny)")
@@ -30,14 +32,11 @@ def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None
     parser.add_argument("--seed", type=int, default=0, help="k-medoids seed (default 0)")
     parser.add_argument("--no_amp", action="store_false", dest="amp", default=True,
                         help="no mixed precision (on by default, as in clip_benchmark)")
-    parser.add_argument("--feature_cache", default=None, metavar="DIR", help="feature cache directory")
-    parser.add_argument("--no_feature_cache", action="store_true", help="do not read or write cached features")
     parser.add_argument("--output", default="ravl_discovery.json",
                         help="report JSON path; the PNG sheet goes beside it with the extension .png")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_data_flags(parser)
     add_plugin_flags(parser, command_ctx.plugin_manager)
-
-
 
 
 def run_discover_command(args: argparse.Namespace, command_ctx) -> int:
@@ -59,7 +58,7 @@ def context_from_args(args: argparse.Namespace, registry) -> RunContext:
 
     for name, value in (("feature_cache", None), ("no_feature_cache", False), ("shard_pattern", None),
                         ("allow_pipe_urls", False), ("skip_bad_samples", False)):
-        if not hasattr(args, name):
+        if not hasattr(args, name):  # a Namespace built by hand (API use)
             setattr(args, name, value)
     args.verbose = not args.quiet
     dataset = engine.load_dataset(args, registry)

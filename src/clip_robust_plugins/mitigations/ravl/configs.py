@@ -75,10 +75,10 @@ class FineTuneConfig:
     init: str | None = option(None, "checkpoint (open_clip tag or file, same architecture) the fine-tuning of ravl "
                                     "and clip_ft starts from; discovery still uses the evaluated model. Unset: start "
                                     "from the evaluated model (not the paper's protocol)", metavar="CHECKPOINT")
-    positive_regions: str = option("all", "positives of L_R and L_A: every non-spurious region (all) or only "
+    positive_regions: str = option("relevant", "positives of L_R and L_A: every non-spurious region (all) or only "
                                                "the one scoring highest for the image's label (relevant)",
                                    choices=POSITIVE_REGIONS)
-    negatives: str = option("spurious", "negatives of L_A: the batch's spurious regions, or also the positive "
+    negatives: str = option("spurious+other_classes", "negatives of L_A: the batch's spurious regions, or also the positive "
                                         "regions of the batch's other classes", choices=NEGATIVES)
     spurious_regions: str = option("discovered", "which train regions are spurious: the top discovered cluster's, "
                                                  "or (diagnostic only) the labelled ones of --ravl_truth_key",

@@ -60,8 +60,18 @@ class TrainViews:
         self.patch = patch
 
     def coverage(self, sample: SampleImage, boxes) -> torch.Tensor:
-        """(R, H, W) share of each preprocessed pixel covered by each box."""
+        """(R, H, W) share of each preprocessed pixel covered by each box (memoised per image size and boxes:
+        a grid gives every image of one size the same boxes)."""
         size = sample.image.size
+        key = (size, tuple(boxes))
+        memo = self.__dict__.setdefault("_coverage", {})
+        if key not in memo:
+            if len(memo) >= 64:
+                memo.clear()
+            memo[key] = self._coverage_of(size, boxes)
+        return memo[key]
+
+    def _coverage_of(self, size: tuple[int, int], boxes) -> torch.Tensor:
         black = self.transform(Image.new("RGB", size))[0]
         white = self.transform(Image.new("RGB", size, (255, 255, 255)))[0]
         cover = []
