@@ -13,11 +13,12 @@ evaluated model: zero-shot is the baseline and discovery runs on it) and
 the shortcut and see the 95%-correlated train split), plus ``--train_flags``.
 
 - ``ablation``: ``ravl`` on the val split for each ``--ravl_positive_regions`` x
-  ``--ravl_negatives``; the defaults are the best val worst-group accuracy.
+  ``--ravl_negatives`` (token regions), then ``--ravl_region_features masked|crops`` with the
+  chosen options; the defaults are the best val worst-group accuracy.
 - ``protocol``: per seed, on the test split: ``--mitigation clip_ft ravl`` with the loss options
-  of before the ablation (positives all, negatives spurious), ``ravl`` with the defaults the
-  ablation chose, and ``ravl --ravl_spurious_regions oracle`` (labelled patch regions; a
-  diagnostic; options of before).
+  of before the ablation (positives all, negatives spurious, token regions), ``ravl`` with the
+  chosen loss options and token regions, ``ravl`` with the defaults (masked regions), and
+  ``ravl --ravl_spurious_regions oracle`` (labelled patch regions; a diagnostic; options of before).
 
 Prints Markdown tables (mean ± std over seeds) and writes every per-seed number to ``--output``.
 """
@@ -34,7 +35,9 @@ from clip_robust_plugins import cli, plugins
 
 TRAIN_FLAGS = ["--ravl_epochs", "3", "--ravl_lr", "1e-4"]
 #: the loss options before the val ablation chose the defaults (the first protocol runs used them)
-PREVIOUS = ["--ravl_positive_regions", "all", "--ravl_negatives", "spurious"]
+PREVIOUS = ["--ravl_positive_regions", "all", "--ravl_negatives", "spurious", "--ravl_region_features", "tokens"]
+#: the loss options chosen by the first ablation, with token regions (before masked regions were chosen)
+CHOSEN_TOKENS = ["--ravl_region_features", "tokens"]
 KEYS = ("acc", "worst_group_acc", "region_acc", "region_worst_group_acc")
 
 
@@ -95,10 +98,17 @@ def main() -> None:
                 name = f"ravl positives={positives} negatives={negatives}"
                 for seed in args.seeds:
                     r = evaluate(work, seed, "val", ["--mitigation", "ravl", "--ravl_positive_regions", positives,
-                                                     "--ravl_negatives", negatives, *args.train_flags],
+                                                     "--ravl_negatives", negatives, *CHOSEN_TOKENS, *args.train_flags],
                                  f"ablation_{positives}_{negatives.replace('+', '_')}")
                     out["runs"].setdefault(name, {})[seed] = r
                     rows.setdefault(name, []).append(r["metrics"]["ravl"])
+        for mode in ("masked", "crops"):  # then the region embeddings, with the chosen loss options
+            name = f"ravl region_features={mode}"
+            for seed in args.seeds:
+                r = evaluate(work, seed, "val", ["--mitigation", "ravl", "--ravl_region_features", mode,
+                                                 *args.train_flags], f"views_{mode}")
+                out["runs"].setdefault(name, {})[seed] = r
+                rows.setdefault(name, []).append(r["metrics"]["ravl"])
         print(f"robust/spurious_quadrants [val], ravl from spurious_shapes, seeds {args.seeds}\n")
         print(table(rows))
     else:
@@ -106,15 +116,19 @@ def main() -> None:
         for seed in args.seeds:
             r = evaluate(work, seed, "test", ["--mitigation", "clip_ft", "ravl", *PREVIOUS, *args.train_flags],
                          "protocol")
-            c = evaluate(work, seed, "test", ["--mitigation", "ravl", *args.train_flags], "chosen")
+            c = evaluate(work, seed, "test", ["--mitigation", "ravl", *CHOSEN_TOKENS, *args.train_flags], "chosen")
+            d = evaluate(work, seed, "test", ["--mitigation", "ravl", "--ravl_region_features", "masked",
+                                              *args.train_flags], "masked")
             o = evaluate(work, seed, "test", ["--mitigation", "ravl", "--ravl_spurious_regions", "oracle", *PREVIOUS,
                                               *args.train_flags], "oracle")
-            out["runs"][seed] = {"main": r, "chosen": c, "oracle": o}
+            out["runs"][seed] = {"main": r, "chosen": c, "masked": d, "oracle": o}
             for m in ("zeroshot", "clip_ft", "ravl"):
                 name = {"zeroshot": "zero-shot (biased model)", "ravl": "ravl (positives all, negatives spurious)"}
                 rows.setdefault(name.get(m, m), []).append(r["metrics"][m])
-            rows.setdefault("ravl (defaults: positives relevant, negatives spurious+other_classes)", []).append(
+            rows.setdefault("ravl (positives relevant, negatives spurious+other_classes, tokens)", []).append(
                 c["metrics"]["ravl"])
+            rows.setdefault("ravl (defaults: relevant, spurious+other_classes, masked regions)", []).append(
+                d["metrics"]["ravl"])
             rows.setdefault("ravl, oracle spurious regions (all, spurious; diagnostic)", []).append(o["metrics"]["ravl"])
         print(f"robust/spurious_quadrants [test], crp-tiny, fine-tuning from spurious_shapes, seeds {args.seeds}, "
               f"{' '.join(args.train_flags)}\n")

@@ -68,7 +68,7 @@ class FineTuneConfig:
                                  type=at_least(1))
     discovery_split: str = option("val", "split the mitigation runs discovery on (class labels only)")
     region_features: str = option(
-        "auto", "region embeddings in the loss: tokens (patch tokens of the image's own forward, pooled per region; "
+        "masked", "region embeddings in the loss: tokens (patch tokens of the image's own forward, pooled per region; "
                 "open_clip ViTs), masked (the image with everything outside the region blanked, same scale), crops "
                 "(each region cropped and up-scaled to the input size), auto (tokens where possible, else masked)",
         choices=REGION_FEATURES)
