@@ -42,7 +42,7 @@ from train_tiny_clip import ASSETS, CONFIG, MODEL, contrastive_loss, embed_image
 from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig, generate
 from clip_robust_plugins.datasets.spurious_shapes import TEMPLATES
 from clip_robust_plugins.datasets.wds import GroupedShards
-from clip_robust_plugins.mitigations.ravl import validity_check
+from clip_robust_plugins.mitigations.ravl.discovery import validity_check
 
 BASE = ASSETS / f"{MODEL}_spurious_shapes.safetensors"
 CHECKPOINT = ASSETS / f"{MODEL}_spurious_quadrants.safetensors"

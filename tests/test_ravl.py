@@ -521,7 +521,7 @@ def test_token_region_embeddings_follow_the_preprocessing_and_the_towers_head():
         torch.testing.assert_close(regions[0, 0], manual)
     assert not model.visual.output_tokens
     resnet = argparse.Namespace(visual=torch.nn.Linear(2, 2))
-    assert ravl.region_feature_mode("auto", resnet) == "crops"
+    assert ravl.region_feature_mode("auto", resnet) == "masked" and ravl.region_feature_mode("crops", resnet) == "crops"
     with pytest.raises(ValueError, match="needs an open_clip ViT"):
         ravl.region_feature_mode("tokens", resnet)
 

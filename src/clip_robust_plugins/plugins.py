@@ -53,7 +53,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.erm_head",
     "clip_robust_plugins.mitigations.dfr",
     "clip_robust_plugins.mitigations.cfr",
-    "clip_robust_plugins.mitigations.ravl",
+    "clip_robust_plugins.mitigations.ravl.plugin",
     "clip_robust_plugins.mitigations.seraser",
     "clip_robust_plugins.export_command",
     "clip_robust_plugins.summary",

@@ -1,0 +1,95 @@
+"""RaVL's settings: one dataclass per concern, each field also a ``--ravl_*`` flag (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from ...argtypes import at_least, config_from_options, fraction, option, positive_float
+
+NAME = "ravl"
+BASELINE = "clip_ft"
+PREFIX = "ravl_"
+CITATION = (
+    "Varma, Delbrouck, Chen, Chaudhari & Langlotz, RaVL: Discovering and Mitigating Spurious Correlations "
+    "in Fine-Tuned Vision-Language Models, NeurIPS 2024"
+)
+#: the temperature of RaVL's zero-shot softmax and of every loss term
+TEMPERATURE = 0.07
+KMEDOIDS_INITS = ("random", "build")
+REGION_FEATURES = ("auto", "tokens", "masked", "crops")
+POSITIVE_REGIONS = ("all", "relevant")
+NEGATIVES = ("spurious", "spurious+other_classes")
+SPURIOUS_REGIONS = ("discovered", "oracle")
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Which regions discovery and the loss use (``--ravl_regions`` and its proposers' settings)."""
+
+    regions: str = option("quadrants", "region proposer (quadrants, grid, boxes, or a plugin's)")
+    grid: int = option(3, "N of the 'grid' proposer (N x N boxes)", type=at_least(1))
+    boxes_key: str = option("regions", "sample-json key holding the 'boxes' proposer's boxes")
+    max_boxes: int = option(4, "boxes per image for the 'boxes' proposer (padded by repeating the last)",
+                            type=at_least(1))
+    truth_key: str = option("spurious_box", "sample-json key of the labelled spurious box(es): precision@10, the "
+                                            "validity check and --ravl_spurious_regions oracle only")
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Settings of discovery (defaults: the paper and the authors' code; the cap is ours)."""
+
+    influence_threshold: float = option(0.25, "keep clusters with influence H >= this", type=fraction)
+    temperature: float = TEMPERATURE
+    kmedoids_init: str = option("random", "FasterPAM initialisation: random (seeded by --seed) or the deterministic "
+                                          "PAM build", choices=KMEDOIDS_INITS)
+    kmedoids_max_iter: int = option(100, "FasterPAM iteration cap", type=at_least(1))
+    #: regions listed in the report and shown in the sheet
+    top_regions: int = option(10, "regions of the top cluster listed and shown", type=at_least(1))
+    max_cluster_regions: int = option(10_000, "above this many regions, cluster a seeded sample of this size "
+                                              "(CLARA-style) and assign every region to its nearest medoid",
+                                      type=at_least(2))
+    cluster_draws: int = option(1, "sampled clustering: samples drawn per K, the one of lowest total distance "
+                                   "over all regions kept", type=at_least(1))
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Training settings shared by ``ravl`` and ``clip_ft`` (the region options are ravl's)."""
+
+    epochs: int = option(1, "fine-tuning epochs over train (ravl and clip_ft)", type=at_least(1))
+    lr: float = option(1e-5, "AdamW learning rate (ravl and clip_ft)", type=positive_float)
+    weight_decay: float = option(0.1, "AdamW weight decay (ravl and clip_ft)", type=float)
+    batch_size: int = option(64, "images per step (ravl and clip_ft)", type=at_least(2))
+    temperature: float = TEMPERATURE
+    region_weight: float = option(0.2, "w in (1 - w) L_CLIP + w (L_R + L_A); 0.2 is the paper's", type=fraction)
+    shuffle_buffer: int = option(256, "streaming shuffle window over train, in images (ravl and clip_ft)",
+                                 type=at_least(1))
+    discovery_split: str = option("val", "split the mitigation runs discovery on (class labels only)")
+    region_features: str = option(
+        "masked", "region embeddings in the loss: tokens (patch tokens of the image's own forward, pooled per region; "
+                "open_clip ViTs), masked (the image with everything outside the region blanked, same scale), crops "
+                "(each region cropped and up-scaled to the input size), auto (tokens where possible, else masked)",
+        choices=REGION_FEATURES)
+    init: str | None = option(None, "checkpoint (open_clip tag or file, same architecture) the fine-tuning of ravl "
+                                    "and clip_ft starts from; discovery still uses the evaluated model. Unset: start "
+                                    "from the evaluated model (not the paper's protocol)", metavar="CHECKPOINT")
+    positive_regions: str = option("relevant", "positives of L_R and L_A: every non-spurious region (all) or only "
+                                               "the one scoring highest for the image's label (relevant)",
+                                   choices=POSITIVE_REGIONS)
+    negatives: str = option("spurious+other_classes", "negatives of L_A: the batch's spurious regions, or also the positive "
+                                        "regions of the batch's other classes", choices=NEGATIVES)
+    spurious_regions: str = option("discovered", "which train regions are spurious: the top discovered cluster's, "
+                                                 "or (diagnostic only) the labelled ones of --ravl_truth_key",
+                                   choices=SPURIOUS_REGIONS)
+def region_config(options: argparse.Namespace) -> RegionConfig:
+    return config_from_options(RegionConfig, PREFIX, options)
+
+
+def discovery_config(options: argparse.Namespace) -> DiscoveryConfig:
+    return config_from_options(DiscoveryConfig, PREFIX, options)
+
+
+def finetune_config(options: argparse.Namespace) -> FineTuneConfig:
+    return config_from_options(FineTuneConfig, PREFIX, options)
