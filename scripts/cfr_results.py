@@ -72,7 +72,7 @@ MODES = {"table": TABLE, "tune": TUNE, "diagnose": DIAGNOSE, "select": SELECT}
 def run(seed: int, flags: str, args: argparse.Namespace, tag: str, per_epoch: bool) -> dict:
     import torch
 
-    from clip_robust_plugins import cli, plugins
+    from clip_robust_plugins import cli
     from clip_robust_plugins.metrics import group_metrics, worst_group_accuracy
     from clip_robust_plugins.mitigations import cfr as cfr_package
     from clip_robust_plugins.mitigations.cfr import training
@@ -124,7 +124,6 @@ def run(seed: int, flags: str, args: argparse.Namespace, tag: str, per_epoch: bo
         rc = cli.main(argv)
     finally:
         training.CFR.fit, cfr_package.config_from_options = real_fit, real_config
-        plugins.set_plugin_manager(None)
     if rc != 0:
         raise SystemExit(f"eval failed: {' '.join(argv)} (exit {rc})")
     dump = json.loads(out.read_text())

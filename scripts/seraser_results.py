@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from clip_robust_plugins import cli, plugins
+from clip_robust_plugins import cli
 
 VIEWS = ("auto", "masks", "augment", "authors")
 SCHEDULES = {"paper (20 steps, lr 5e-4)": ("20", "5e-4"), "tuned (100 steps, lr 1e-2)": ("100", "1e-2")}
@@ -40,10 +40,7 @@ def run(args: argparse.Namespace, spec: str, steps: str, lr: str, seed: int) -> 
         "--feature_cache", str(work / "features"), "--output", str(out), "--num_workers", "0", "--no_amp", "--quiet",
         "--mitigation", "seraser", "--seraser_views", views, "--seraser_steps", steps, "--seraser_lr", lr, *flags,
     ]
-    try:
-        rc = cli.main(argv)
-    finally:
-        plugins.set_plugin_manager(None)
+    rc = cli.main(argv)
     if rc != 0:
         raise SystemExit(f"eval failed: {' '.join(argv)} (exit {rc})")
     return json.loads(out.read_text())

@@ -359,23 +359,20 @@ def test_discovery_reads_no_group_labels(quadrants_flags, tmp_path, monkeypatch)
     from clip_robust_plugins import cli, plugins
 
     pm = plugins.build_plugin_manager()
-    registry = plugins.set_plugin_manager(pm)
-    try:
-        parser = cli.build_parser(pm, registry, "discover")
-        args = parser.parse_args(["discover", *quadrants_flags, "--no_feature_cache", "--quiet"])
-        args.device = "cpu"
-        ctx = ravl.context_from_args(args, registry)
-        name, proposer = ravl.make_proposer(args, registry)
-        first = ravl.discover(ctx, "val", name, proposer)
-        image = ctx.features("val")
-        fields = image.fields.clone()
-        fields[:, 1] = torch.from_numpy(np.random.default_rng(0).permutation(fields[:, 1].numpy()))
-        assert not torch.equal(fields, image.fields)
-        ctx._features[("val", "image")] = dataclasses.replace(image, fields=fields)
-        monkeypatch.setattr(type(image), "group_ids", lambda *a, **k: pytest.fail("group ids were read"))
-        second = ravl.discover(ctx, "val", name, proposer)
-    finally:
-        plugins.set_plugin_manager(None)
+    registry = plugins.collect_registry(pm)
+    parser = cli.build_parser(pm, registry, "discover")
+    args = parser.parse_args(["discover", *quadrants_flags, "--no_feature_cache", "--quiet"])
+    args.device = "cpu"
+    ctx = ravl.context_from_args(args, registry)
+    name, proposer = ravl.make_proposer(args, registry)
+    first = ravl.discover(ctx, "val", name, proposer)
+    image = ctx.features("val")
+    fields = image.fields.clone()
+    fields[:, 1] = torch.from_numpy(np.random.default_rng(0).permutation(fields[:, 1].numpy()))
+    assert not torch.equal(fields, image.fields)
+    ctx._features[("val", "image")] = dataclasses.replace(image, fields=fields)
+    monkeypatch.setattr(type(image), "group_ids", lambda *a, **k: pytest.fail("group ids were read"))
+    second = ravl.discover(ctx, "val", name, proposer)
     assert np.array_equal(first.result.clustering.labels, second.result.clustering.labels)
     assert first.result.ranking == second.result.ranking
     assert [s.influence for s in first.result.scores] == [s.influence for s in second.result.scores]
@@ -531,17 +528,14 @@ def test_ravl_fits_with_crop_regions_too(quadrants_flags):
     from clip_robust_plugins import cli, plugins
 
     pm = plugins.build_plugin_manager()
-    registry = plugins.set_plugin_manager(pm)
-    try:
-        args = cli.build_parser(pm, registry, "discover").parse_args(
-            ["discover", *quadrants_flags, "--no_feature_cache", "--quiet", "--ravl_region_features", "crops",
-             "--ravl_batch_size", "32", "--ravl_lr", "1e-4"])
-        args.device = "cpu"
-        ctx = ravl.context_from_args(args, registry)
-        method = registry.mitigation("ravl").create(args)
-        method.fit(ctx)
-    finally:
-        plugins.set_plugin_manager(None)
+    registry = plugins.collect_registry(pm)
+    args = cli.build_parser(pm, registry, "discover").parse_args(
+        ["discover", *quadrants_flags, "--no_feature_cache", "--quiet", "--ravl_region_features", "crops",
+         "--ravl_batch_size", "32", "--ravl_lr", "1e-4"])
+    args.device = "cpu"
+    ctx = ravl.context_from_args(args, registry)
+    method = registry.mitigation("ravl").create(args)
+    method.fit(ctx)
     hp = method.hyperparameters()
     assert hp["region_features_used"] == "crops" and hp["train_images_seen"] == QSMALL["train_size"]
     assert hp["losses_per_epoch"][0]["label_to_region"] > 0

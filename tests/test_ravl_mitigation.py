@@ -47,7 +47,7 @@ def _context(flags, *extra):
     from clip_robust_plugins.mitigations.ravl.command import context_from_args
 
     pm = plugins.build_plugin_manager()
-    registry = plugins.set_plugin_manager(pm)
+    registry = plugins.collect_registry(pm)
     args = cli.build_parser(pm, registry, "discover").parse_args(
         ["discover", *flags, "--no_feature_cache", "--quiet", *extra])
     args.device = "cpu"
@@ -190,15 +190,11 @@ def test_zeroshot_region_accuracy_by_hand(run_cli, flags, tmp_path, quadrants_ro
 
 
 def test_oracle_spurious_regions_are_the_labelled_patches(flags):
-    from clip_robust_plugins import plugins
 
     ctx, registry, args = _context(flags, "--ravl_spurious_regions", "oracle", "--ravl_batch_size", "32")
-    try:
-        method = registry.mitigation("ravl").create(args)
-        assert method.feature_plan(ctx, True) == {}  # no discovery: no region features
-        method.fit(ctx)
-    finally:
-        plugins.set_plugin_manager(None)
+    method = registry.mitigation("ravl").create(args)
+    assert method.feature_plan(ctx, True) == {}  # no discovery: no region features
+    method.fit(ctx)
     hp = method.hyperparameters()
     counts = QuadrantsConfig(**QSMALL).group_counts("train")
     assert hp["spurious_train_regions"] == counts[1] + counts[3]  # one patch quadrant per patch image
@@ -209,32 +205,28 @@ def test_oracle_spurious_regions_are_the_labelled_patches(flags):
 
 
 def test_feature_plan_and_check(flags, tmp_path):
-    from clip_robust_plugins import plugins
     from clip_robust_plugins.plugins import PluginError
     from clip_robust_plugins.states import StateError
 
     ctx, registry, args = _context(flags)
-    try:
-        method = registry.mitigation("ravl").create(args)
-        plan = method.feature_plan(ctx, True)
-        assert [k if isinstance(k, str) else k.name for k in plan["val"]] == ["image", "regions[grid2]"]
-        assert [k.name for k in plan["train"]] == ["regions[grid2]"] and method.feature_plan(ctx, False) == {}
-        assert registry.mitigation("clip_ft").create(args).feature_plan(ctx, True) == {}
+    method = registry.mitigation("ravl").create(args)
+    plan = method.feature_plan(ctx, True)
+    assert [k if isinstance(k, str) else k.name for k in plan["val"]] == ["image", "regions[grid2]"]
+    assert [k.name for k in plan["train"]] == ["regions[grid2]"] and method.feature_plan(ctx, False) == {}
+    assert registry.mitigation("clip_ft").create(args).feature_plan(ctx, True) == {}
+    method.check(ctx)
+    assert not ctx.model_loaded
+    for extra, error, message in (
+        (["--ravl_regions", "nope"], PluginError, "nope"),
+        (["--ravl_discovery_split", "holdout"], ValueError, "holdout"),
+        (["--ravl_init", str(tmp_path / "missing.safetensors")], ValueError, "no such file"),
+    ):
+        bad_args = argparse.Namespace(**{**vars(args), **{k[2:]: v for k, v in zip(extra[::2], extra[1::2])}})
+        with pytest.raises(error, match=message):
+            registry.mitigation("ravl").create(bad_args).check(ctx)
+    ctx.options.model_type, ctx.options.pretrained = "ravl", str(tmp_path / "missing.safetensors")
+    with pytest.raises(StateError, match="not found"):
         method.check(ctx)
-        assert not ctx.model_loaded
-        for extra, error, message in (
-            (["--ravl_regions", "nope"], PluginError, "nope"),
-            (["--ravl_discovery_split", "holdout"], ValueError, "holdout"),
-            (["--ravl_init", str(tmp_path / "missing.safetensors")], ValueError, "no such file"),
-        ):
-            bad_args = argparse.Namespace(**{**vars(args), **{k[2:]: v for k, v in zip(extra[::2], extra[1::2])}})
-            with pytest.raises(error, match=message):
-                registry.mitigation("ravl").create(bad_args).check(ctx)
-        ctx.options.model_type, ctx.options.pretrained = "ravl", str(tmp_path / "missing.safetensors")
-        with pytest.raises(StateError, match="not found"):
-            method.check(ctx)
-    finally:
-        plugins.set_plugin_manager(None)
 
 
 def test_masked_region_views_keep_the_region_in_place_at_the_images_scale():
