@@ -294,3 +294,15 @@ def test_shipped_checkpoint_is_spurious_on_the_default_test_split(default_benchm
     group_acc = [float((pred[groups == g] == y[groups == g]).mean()) for g in range(4)]
     assert mean_acc >= 0.6, (mean_acc, group_acc)
     assert min(group_acc) <= mean_acc - 0.2, (mean_acc, group_acc)
+
+
+def test_groups_json_records_what_the_samples_carry(shapes_root):
+    """Readers decide masks, boxes and region labels from groups.json, without reading a sample."""
+    from clip_robust_plugins.datasets.wds import GroupedShards
+
+    data = GroupedShards(shapes_root)
+    for split in data.splits():
+        record = data.sample_annotations(split)
+        n = sum(data.schema.counts(split))
+        assert record["samples"] == n and record["mask"] is True and record["box"] is True
+        assert record["json_keys"]["y"] == record["json_keys"]["a"] == n and "object_quadrant" not in record["json_keys"]

@@ -71,6 +71,10 @@ def _lines(source: DataRoot, name: str) -> list[str]:
 DEFAULT_SPLITS = ("train", "val", "test")
 
 
+#: the groups.json entry recording, per split, which annotations the samples carry
+ANNOTATIONS_KEY = "annotations"
+
+
 class GroupedShards(RobustDataset):
     """Reads grouped shards from a local directory or an http(s) root; streams samples in shard order.
 
@@ -215,6 +219,16 @@ class GroupedShards(RobustDataset):
         Ranks are split explicitly in ``ordered_samples``; nothing is shuffled."""
         return shard_pipeline(urls, allow_pipe=self.allow_pipe_urls)
 
+    def sample_annotations(self, split: str) -> dict[str, Any] | None:
+        """What every sample of ``split`` carries, from ``groups.json`` (written with the shards):
+        ``{"mask": bool, "box": bool, "json_keys": {key: count}, "samples": n}``; None for shards
+        written without that record (then a reader of annotations has to look at samples)."""
+        record = (self.metadata.get(ANNOTATIONS_KEY) or {}).get(split)
+        if not isinstance(record, dict) or "samples" not in record:
+            return None
+        n, keys = record["samples"], record.get("json_keys", {})
+        return {"mask": record.get("masks") == n, "box": keys.get("box") == n, "json_keys": keys, "samples": n}
+
     def describe(self) -> dict[str, Any]:
         out = {"type": "grouped_shards", "root": str(self.root), "generator": self.metadata.get("generator")}
         if self.shard_pattern is not None:
@@ -322,6 +336,8 @@ class GroupedShardWriter:
         self._writer = wds.ShardWriter(str(split_dir / "%d.tar"), maxcount=max_count, verbose=0, mtime=0)
         self._values: list[list[int]] = []
         self._keys: set[str] = set()
+        self._masks = 0
+        self._json_keys: dict[str, int] = {}
 
     def write(
         self,
@@ -350,7 +366,15 @@ class GroupedShardWriter:
         }
         if mask is not None:
             sample["mask.png"] = _encoded(mask)[1]
+            self._masks += 1
+        for name in meta:
+            self._json_keys[name] = self._json_keys.get(name, 0) + 1
         self._writer.write(sample)
+
+    def annotations(self) -> dict[str, Any]:
+        """What the split's samples carry besides the image: how many have a mask, and how many
+        have each json key, so readers decide (``sample_annotations``) without reading a sample."""
+        return {"samples": len(self._values), "masks": self._masks, "json_keys": dict(sorted(self._json_keys.items()))}
 
     def close(self) -> tuple[int, ...]:
         """Finish the split; returns its full-product counts."""
@@ -411,7 +435,7 @@ def write_grouped_dataset(
     root.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        counts = {}
+        counts, annotations = {}, {}
         for split, items in splits.items():
             per_shard = max_count[split] if isinstance(max_count, Mapping) else max_count
             writer = GroupedShardWriter(stage / split, schema, max_count=per_shard)
@@ -419,11 +443,13 @@ def write_grouped_dataset(
             for key, image, values, extra, mask in iterable:
                 writer.write(key, image, values, extra, mask)
             counts[split] = writer.close()
+            annotations[split] = writer.annotations()
         counts = {**{k: tuple(v) for k, v in (known_counts or {}).items() if k not in counts}, **counts}
         final = GroupSchema(schema.fields, schema.class_field, dict(schema.groupings), counts)
         (stage / CLASSNAMES_FILE).write_text("\n".join(classnames or schema.classnames) + "\n")
         (stage / TEMPLATES_FILE).write_text("\n".join(templates) + "\n")
-        (stage / GROUPS_FILE).write_text(json.dumps(final.to_json(extra_metadata), indent=1))
+        metadata = {**(extra_metadata or {}), ANNOTATIONS_KEY: annotations}
+        (stage / GROUPS_FILE).write_text(json.dumps(final.to_json(metadata), indent=1))
         (root / GROUPS_FILE).unlink(missing_ok=True)  # the old dataset stops looking complete first
         for split in splits:
             target = root / split

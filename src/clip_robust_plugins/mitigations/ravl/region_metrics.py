@@ -59,11 +59,23 @@ def object_region_kind():
 
 
 def has_object_regions(ctx, split: str) -> bool:
-    """Whether ``split``'s first sample carries an object region (decodes one sample, no model)."""
+    """Whether ``split``'s samples carry an object region.
+
+    Decided from the dataset's record of its annotations (``sample_annotations``: grouped shards
+    written by this package keep it in groups.json) without reading a sample; for a local dataset
+    without that record, from its first sample (one decode); a remote one without it: no."""
     seen = _SUPPORTED.setdefault(ctx, {})
     if split not in seen:
-        first = next(iter(ctx.dataset.samples(split, _Meta())), None)
-        seen[split] = first is not None and isinstance(first[1], dict) and object_box(first[1]) is not None
+        declared = getattr(ctx.dataset, "sample_annotations", None)
+        record = declared(split) if callable(declared) else None
+        if record is not None and "json_keys" in record:
+            keys, n = record["json_keys"], record.get("samples")
+            seen[split] = keys.get(KIND_NAME) == n or (keys.get("regions") == n and keys.get("object_quadrant") == n)
+        elif getattr(getattr(ctx.dataset, "source", None), "remote", False):
+            seen[split] = False
+        else:
+            first = next(iter(ctx.dataset.samples(split, _Meta())), None)
+            seen[split] = first is not None and isinstance(first[1], dict) and object_box(first[1]) is not None
     return seen[split]
 
 

@@ -5,7 +5,8 @@ can be refused in ``check`` before the model is built or any feature extracted.
 What each dataset type tells cheaply:
 
 - a dataset with a ``sample_annotations(split)`` method (``{"mask": bool | None, "box": bool | None}``)
-  is asked first (the hook a third-party reader can implement);
+  is asked first (the hook a third-party reader can implement; grouped shards answer from the
+  ``annotations`` record that ``groups.json`` has when our writer wrote them; None: unknown);
 - file datasets (Waterbirds, CelebA, SubpopBench, image folders): their readers never give
   masks; a box is in the parsed metadata rows (``FileRow.extra["box"]``), already in memory;
 - local grouped shards: the tar headers list each sample's entries (``<key>.mask.png``),
@@ -42,8 +43,8 @@ class Resolved:
 def split_annotations(dataset: Any, split: str, wanted: tuple[str, ...] = ("mask", "box")) -> dict[str, bool | None]:
     """``{annotation: True (every sample has it) | False (some sample lacks it) | None (unknown)}``."""
     declared = getattr(dataset, "sample_annotations", None)
-    if callable(declared):
-        got = dict(declared(split) or {})
+    got = declared(split) if callable(declared) else None
+    if got is not None:
         return {a: got.get(a) for a in wanted}
     from ...datasets.files import FileDataset
     from ...datasets.plain_wds import ClassOnlyShards
