@@ -29,15 +29,26 @@ from typing import Any
 
 
 def _module_source(module: str) -> ast.Module | None:
-    """The parsed source of an installed module, without importing it (None if unavailable)."""
+    """The parsed source of an installed module, without importing it or its package (None if
+    unavailable): ``find_spec`` of a submodule would import the parent package."""
+    top, *rest = module.split(".")
     try:
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
-    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+    if spec is None:
         return None
-    with open(spec.origin, encoding="utf-8") as fh:
-        return ast.parse(fh.read(), spec.origin)
+    if rest:
+        folders = list(spec.submodule_search_locations or ())
+        candidates = [os.path.join(folder, *rest[:-1], rest[-1] + ".py") for folder in folders]
+        candidates += [os.path.join(folder, *rest, "__init__.py") for folder in folders]
+        origin = next((c for c in candidates if os.path.isfile(c)), None)
+    else:
+        origin = spec.origin
+    if not origin or not os.path.isfile(origin):
+        return None
+    with open(origin, encoding="utf-8") as fh:
+        return ast.parse(fh.read(), origin)
 
 
 @functools.cache

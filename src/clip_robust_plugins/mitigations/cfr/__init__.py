@@ -38,20 +38,30 @@ __all__ = [
 ]
 
 _SUBMODULES = ("config", "training", "heads", "losses", "sampling", "loader", "plot")
+#: public name -> the submodule defining it, resolved on first use.  An explicit table: pluggy
+#: probes plugin modules for every hook name, and a probe must not import the training code.
+_NAMES: dict[str, str] = {
+    **dict.fromkeys(("CRITERIA", "embed_all", "make_optimizer", "select_epoch", "CFR"), "training"),
+    **dict.fromkeys(("VitProjHead", "AttnPoolHead", "ResidualAdapter", "embed_dim", "init_head", "apply_head"), "heads"),
+    **dict.fromkeys(("cosine_weight", "LogitScale", "make_logit_scale", "info_nce", "supcon", "feature_dropout"),
+                    "losses"),
+    **dict.fromkeys(("calibration_split", "hard_negatives", "sample_positives", "authors_negatives", "AnchorCycle"),
+                    "sampling"),
+    "load_model": "loader",
+    "curve_writer": "plot",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """The implementation's public names, imported on first use (keeps registration torch-free)."""
+    """The implementation's public names and submodules, imported on first use (keeps registration torch-free)."""
     import importlib
 
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if not name.startswith("_"):
-        for sub in _SUBMODULES:
-            module = importlib.import_module(f"{__name__}.{sub}")
-            if name in vars(module):
-                return vars(module)[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cpu", *,
