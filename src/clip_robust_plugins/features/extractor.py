@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +141,10 @@ class FeatureExtractor:
             todo = [k for k in kinds if kind_name(k) in todo_names]
         if not todo:
             return out
+        self.model  # noqa: B018 - build the model before the pass, so the pass time is the pass alone
+        started = time.perf_counter()
         fresh = self._run(dataset, split, todo)
+        seconds = time.perf_counter() - started
         if fresh is None:  # a worker rank: its share went to rank 0
             return out
         for kind in todo:
@@ -149,7 +153,9 @@ class FeatureExtractor:
             skipped = bool(self.skipped_samples.get(split))
             path = None if skipped else self.cache.save(self.key(dataset, dataset_name, split, kind), fs)
             out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
-        self.extracted.append({"split": split, "kinds": [kind_name(k) for k in todo], "n": len(fresh[kind_name(todo[0])])})
+        n = len(fresh[kind_name(todo[0])])
+        self.extracted.append({"split": split, "kinds": [kind_name(k) for k in todo], "n": n, "seconds": round(seconds, 3),
+                               "images_per_second": round(n / seconds, 2) if seconds > 0 else None})
         return out
 
     def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet] | None:
