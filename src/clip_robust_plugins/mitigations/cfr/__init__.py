@@ -15,6 +15,7 @@ from typing import Any
 
 from ...argtypes import add_config_flags, config_from_options
 from ...hookspecs import hookimpl
+from ...lazy import lazy_getattr
 from ...records import MitigationSpec, ModelLoaderSpec, Needs
 from .config import (
     CITATION,
@@ -52,16 +53,7 @@ _NAMES: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The implementation's public names and submodules, imported on first use (keeps registration torch-free)."""
-    import importlib
-
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES)
 
 
 def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cpu", *,

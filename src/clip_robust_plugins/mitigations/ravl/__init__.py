@@ -5,8 +5,7 @@ importing this package imports no torch.  Protocol, deviations and measurements:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ...lazy import lazy_getattr
 
 #: public name -> submodule defining it (resolved lazily)
 _NAMES: dict[str, str] = {
@@ -32,13 +31,7 @@ _NAMES: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _NAMES, globals())
 
 
 def __dir__() -> list[str]:

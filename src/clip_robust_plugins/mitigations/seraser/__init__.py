@@ -11,11 +11,10 @@ Protocol, deviations, costs and results: ``docs/methods/seraser.md``.
 from __future__ import annotations
 
 import argparse
-import importlib
-from typing import Any
 
 from ...argtypes import add_config_flags, config_from_options
 from ...hookspecs import hookimpl
+from ...lazy import lazy_getattr
 from ...records import MitigationSpec, Needs, ViewProviderSpec
 from .config import (  # noqa: F401 - re-exported
     AUTO,
@@ -104,8 +103,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
