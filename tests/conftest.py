@@ -6,9 +6,41 @@ from pathlib import Path
 
 import pytest
 
+from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig
+from clip_robust_plugins.datasets.spurious_quadrants import generate as generate_quadrants
 from clip_robust_plugins.datasets.spurious_shapes import ShapesConfig, generate
 
 SMALL = dict(train_size=64, val_size=32, test_size=32)
+#: the small robust/spurious_quadrants split sizes the RaVL tests share
+QSMALL = dict(train_size=64, val_size=64, test_size=32)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny matmuls are dominated by thread start-up on a shared 2-core box: one torch thread."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def quadrants_root(tmp_path_factory) -> Path:
+    """robust/spurious_quadrants with the QSMALL splits, generated once per session."""
+    root = tmp_path_factory.mktemp("quadrants") / "data"
+    generate_quadrants(root, QuadrantsConfig(**QSMALL), progress=False)
+    return root
+
+
+@pytest.fixture()
+def quadrants_flags(quadrants_root) -> list[str]:
+    """Flags that select the session's small spurious_quadrants root and the shipped biased model."""
+    return ["--dataset", "robust/spurious_quadrants", "--dataset_root", str(quadrants_root),
+            *[x for k, v in QSMALL.items() for x in (f"--quadrants_{k}", str(v))],
+            "--model", "crp-tiny", "--pretrained", "spurious_quadrants", "--num_workers", "0", "--no_amp",
+            "--batch_size", "64"]
 
 
 @pytest.fixture(scope="session")

@@ -46,17 +46,12 @@ from clip_robust_plugins.mitigations.cfr import (
 from clip_robust_plugins.mitigations.cfr import training as cfr_training
 from clip_robust_plugins.states import StateError, read_state, write_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
+
 SCHEMA = two_field_schema(["c0", "c1"], ["a0", "a1"])
 PLUGIN = "clip_robust_plugins.mitigations.cfr"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are dominated by thread start-up on a shared 2-core box; one thread is ~100x faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # ----------------------------------------------------------------------------- synthetic stand-ins

@@ -20,13 +20,9 @@ from clip_robust_plugins.mitigations.cfr.losses import LogitScale, feature_dropo
 from clip_robust_plugins.mitigations.cfr.sampling import authors_negatives
 from test_cfr import fitted, make_ctx
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+
 
 
 def _parse(*argv):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_robust_plugins.datasets.base import DatasetError, SampleImage
-from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig, generate, iter_split, quadrant_boxes
+from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig, iter_split, quadrant_boxes
 from clip_robust_plugins.mitigations import ravl
 from clip_robust_plugins.mitigations.ravl import (
     BoxesProposer,
@@ -42,32 +42,10 @@ from clip_robust_plugins.mitigations.ravl import (
     top_regions_for_prediction,
     validity_check,
 )
+from conftest import QSMALL
 
-QSMALL = dict(train_size=64, val_size=64, test_size=32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are dominated by thread start-up on a shared 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def quadrants_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quadrants") / "data"
-    generate(root, QuadrantsConfig(**QSMALL), progress=False)
-    return root
-
-
-@pytest.fixture()
-def quadrants_flags(quadrants_root):
-    return ["--dataset", "robust/spurious_quadrants", "--dataset_root", str(quadrants_root),
-            "--quadrants_train_size", str(QSMALL["train_size"]), "--quadrants_val_size", str(QSMALL["val_size"]),
-            "--quadrants_test_size", str(QSMALL["test_size"]), "--model", "crp-tiny", "--pretrained",
-            "spurious_quadrants", "--num_workers", "0", "--no_amp", "--batch_size", "64"]
 
 
 def sample(w: int, h: int, **meta) -> SampleImage:

@@ -12,34 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig, generate, iter_split
+from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig, iter_split
 from clip_robust_plugins.mitigations.ravl.losses import label_to_region_loss, relevant_regions
 from clip_robust_plugins.mitigations.ravl.region_metrics import object_box, region_metrics
+from conftest import QSMALL
 
-QSMALL = dict(train_size=64, val_size=64, test_size=32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def quadrants_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quadrants") / "data"
-    generate(root, QuadrantsConfig(**QSMALL), progress=False)
-    return root
-
-
-@pytest.fixture()
-def flags(quadrants_root):
-    return ["--dataset", "robust/spurious_quadrants", "--dataset_root", str(quadrants_root),
-            *[x for k, v in QSMALL.items() for x in (f"--quadrants_{k}", str(v))],
-            "--model", "crp-tiny", "--pretrained", "spurious_quadrants", "--num_workers", "0", "--no_amp",
-            "--batch_size", "64"]
 
 
 def _context(flags, *extra):
@@ -118,11 +97,11 @@ def test_region_metrics_need_region_labels_and_touch_no_model(tmp_path):
 # ----------------------------------------------------------------------------- the paper's protocol, end to end
 
 
-def test_ravl_init_starts_both_fine_tunings_and_region_metrics_are_reported(run_cli, flags, tmp_path):
+def test_ravl_init_starts_both_fine_tunings_and_region_metrics_are_reported(run_cli, quadrants_flags, tmp_path):
     from clip_robust_plugins.models import load_open_clip
     from clip_robust_plugins.states import read_state
 
-    common = [*flags, "--feature_cache", tmp_path / "cache", "--ravl_lr", "1e-4", "--ravl_batch_size", "16",
+    common = [*quadrants_flags, "--feature_cache", tmp_path / "cache", "--ravl_lr", "1e-4", "--ravl_batch_size", "16",
               "--ravl_init", "spurious_shapes"]
     rc, _, err = run_cli("eval", *common, "--mitigation", "ravl", "clip_ft", "--ravl_positive_regions", "relevant",
                          "--ravl_negatives", "spurious+other_classes", "--ravl_region_features", "masked",
@@ -162,13 +141,13 @@ def test_ravl_init_starts_both_fine_tunings_and_region_metrics_are_reported(run_
     assert len(rows) == QSMALL["test_size"]
 
 
-def test_zeroshot_region_accuracy_by_hand(run_cli, flags, tmp_path, quadrants_root):
+def test_zeroshot_region_accuracy_by_hand(run_cli, quadrants_flags, tmp_path, quadrants_root):
     from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 
     from clip_robust_plugins.datasets.spurious_shapes import TEMPLATES
     from clip_robust_plugins.models import load_open_clip
 
-    rc, _, err = run_cli("eval", *flags, "--no_feature_cache", "--output", tmp_path / "zs.json")
+    rc, _, err = run_cli("eval", *quadrants_flags, "--no_feature_cache", "--output", tmp_path / "zs.json")
     assert rc == 0, err
     metrics = json.loads((tmp_path / "zs.json").read_text())["metrics"]
     model, transform, tokenizer = load_open_clip("crp-tiny", "spurious_quadrants")
@@ -189,9 +168,9 @@ def test_zeroshot_region_accuracy_by_hand(run_cli, flags, tmp_path, quadrants_ro
 # ----------------------------------------------------------------------------- oracle, feature_plan, check
 
 
-def test_oracle_spurious_regions_are_the_labelled_patches(flags):
+def test_oracle_spurious_regions_are_the_labelled_patches(quadrants_flags):
 
-    ctx, registry, args = _context(flags, "--ravl_spurious_regions", "oracle", "--ravl_batch_size", "32")
+    ctx, registry, args = _context(quadrants_flags, "--ravl_spurious_regions", "oracle", "--ravl_batch_size", "32")
     method = registry.mitigation("ravl").create(args)
     assert method.feature_plan(ctx, True) == {}  # no discovery: no region features
     method.fit(ctx)
@@ -204,11 +183,11 @@ def test_oracle_spurious_regions_are_the_labelled_patches(flags):
         assert mask.tolist() == [q == truth[key] for q in range(4)]
 
 
-def test_feature_plan_and_check(flags, tmp_path):
+def test_feature_plan_and_check(quadrants_flags, tmp_path):
     from clip_robust_plugins.plugins import PluginError
     from clip_robust_plugins.states import StateError
 
-    ctx, registry, args = _context(flags)
+    ctx, registry, args = _context(quadrants_flags)
     method = registry.mitigation("ravl").create(args)
     plan = method.feature_plan(ctx, True)
     assert [k if isinstance(k, str) else k.name for k in plan["val"]] == ["image", "regions[grid2]"]

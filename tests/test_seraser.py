@@ -32,17 +32,12 @@ from clip_robust_plugins.mitigations.seraser import (
 from clip_robust_plugins.plugins import PluginError
 from clip_robust_plugins.records import SampleViews
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
+
 CLASSES = ["square", "diamond"]
 TINY = ["--model", "crp-tiny", "--pretrained", "spurious_shapes", "--num_workers", "0", "--no_amp"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are dominated by thread start-up on a shared 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def shape_samples(n: int = 4) -> list[SampleImage]:
