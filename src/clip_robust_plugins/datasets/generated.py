@@ -31,14 +31,10 @@ def config_from_flags(config_cls: type, prefix: str, options: Any, name: str) ->
 
     Invalid values (the config's own checks) become a :class:`DatasetError` naming the dataset.
     """
-    defaults = config_cls()
-    values = {}
-    for f in dataclasses.fields(config_cls):
-        flag = getattr(options, f"{prefix}{f.name}", None)
-        if flag is not None:
-            values[f.name] = type(getattr(defaults, f.name))(flag)
+    from ..argtypes import config_from_options
+
     try:
-        return config_cls(**values)
+        return config_from_options(config_cls, prefix, options)
     except ValueError as exc:
         raise DatasetError(f"{name}: {exc}") from None
 

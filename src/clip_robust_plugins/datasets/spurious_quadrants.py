@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..argtypes import add_config_flags, option
 from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import CheckpointSpec, DatasetRequest, DatasetSpec
@@ -75,15 +76,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 class QuadrantsConfig:
     """Everything the generated data depends on (stored in ``groups.json``)."""
 
-    train_size: int = 2000
-    val_size: int = 400
-    test_size: int = 400
-    #: fraction of each class on "its" patch value in the train split (square: none, diamond: patch)
-    correlation: float = 0.95
-    #: canvas side in pixels (even); each quadrant is half of it
-    image_size: int = 64
-    #: dataset-generation seed (separate from the run seed)
-    seed: int = 0
+    train_size: int = option(2000, "number of train images")
+    val_size: int = option(400, "number of val images, rounded down to a multiple of 4")
+    test_size: int = option(400, "number of test images, rounded down to a multiple of 4")
+    correlation: float = option(0.95, "train fraction of squares without and diamonds with the patch")
+    image_size: int = option(64, "canvas side in pixels, even (each quadrant is half of it)")
+    seed: int = option(0, "dataset-generation seed, separate from the run's --seed")
 
     def __post_init__(self) -> None:
         if self.train_size < 2:
@@ -229,17 +227,4 @@ def register_checkpoints(register) -> None:
 
 @hookimpl
 def add_arguments(parser) -> None:
-    d = QuadrantsConfig()
-    parser.add_argument("--quadrants_train_size", type=int, default=d.train_size,
-                        help=f"robust/{NAME}: number of train images (default: %(default)s)")
-    parser.add_argument("--quadrants_val_size", type=int, default=d.val_size,
-                        help=f"robust/{NAME}: number of val images, rounded down to a multiple of 4 (default: %(default)s)")
-    parser.add_argument("--quadrants_test_size", type=int, default=d.test_size,
-                        help=f"robust/{NAME}: number of test images, rounded down to a multiple of 4 (default: %(default)s)")
-    parser.add_argument("--quadrants_correlation", type=float, default=d.correlation,
-                        help=f"robust/{NAME}: train fraction of squares without and diamonds with the patch "
-                             "(default: %(default)s)")
-    parser.add_argument("--quadrants_image_size", type=int, default=d.image_size,
-                        help=f"robust/{NAME}: canvas side in pixels, even (default: %(default)s)")
-    parser.add_argument("--quadrants_seed", type=int, default=d.seed,
-                        help=f"robust/{NAME}: dataset-generation seed, separate from the run's --seed (default: %(default)s)")
+    add_config_flags(parser, QuadrantsConfig, "quadrants_", topic=f"robust/{NAME}")

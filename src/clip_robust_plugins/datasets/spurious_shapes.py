@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..argtypes import add_config_flags, option
 from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import DatasetRequest, DatasetSpec
@@ -89,14 +90,13 @@ GENERATOR_VERSION = 1
 class ShapesConfig:
     """Everything the generated data depends on (stored in ``groups.json``)."""
 
-    train_size: int = 2000
-    val_size: int = 400
-    test_size: int = 400
-    #: fraction of each class that sits on "its" background in the train split
-    correlation: float = 0.95
-    image_size: int = 32
-    #: dataset-generation seed (separate from the run seed)
-    seed: int = 0
+    train_size: int = option(2000, "number of train images")
+    val_size: int = option(400, "number of val images, rounded down to a multiple of 4 groups")
+    test_size: int = option(400, "number of test images, rounded down to a multiple of 4 groups")
+    correlation: float = option(0.95, "fraction of each class on its own background in the train "
+                                      "split; val/test are group-balanced")
+    image_size: int = option(32, "image side in pixels")
+    seed: int = option(0, "dataset-generation seed, separate from the run's --seed")
     classnames: tuple[str, ...] = CLASSNAMES
     backgrounds: tuple[str, ...] = BACKGROUNDS
 
@@ -254,41 +254,4 @@ def register_datasets(register) -> None:
 
 @hookimpl
 def add_arguments(parser) -> None:
-    d = ShapesConfig()
-    parser.add_argument(
-        "--shapes_train_size",
-        type=int,
-        default=d.train_size,
-        help=f"robust/{NAME}: number of train images (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shapes_val_size",
-        type=int,
-        default=d.val_size,
-        help=f"robust/{NAME}: number of val images, rounded down to a multiple of 4 groups (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shapes_test_size",
-        type=int,
-        default=d.test_size,
-        help=f"robust/{NAME}: number of test images, rounded down to a multiple of 4 groups (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shapes_correlation",
-        type=float,
-        default=d.correlation,
-        help=f"robust/{NAME}: fraction of each class on its own background in the train split; "
-        "val/test are group-balanced (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shapes_image_size",
-        type=int,
-        default=d.image_size,
-        help=f"robust/{NAME}: image side in pixels (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shapes_seed",
-        type=int,
-        default=d.seed,
-        help=f"robust/{NAME}: dataset-generation seed, separate from the run's --seed (default: %(default)s)",
-    )
+    add_config_flags(parser, ShapesConfig, "shapes_", topic=f"robust/{NAME}")
