@@ -60,6 +60,13 @@ def config_from_options(config_cls: type, prefix: str, options: Any, **explicit:
     return config_cls(**values, **explicit)
 
 
+def spec_config(spec: Any, options: Any) -> Any:
+    """The typed config a spec declared with ``options=``/``option_prefix=``, from parsed flags (None when it declares none)."""
+    if getattr(spec, "options", None) is None:
+        return None
+    return config_from_options(spec.options, spec.option_prefix, options)
+
+
 def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None, choices: Any = None,
            metavar: str | None = None) -> Any:
     """A config dataclass field that is also a command-line flag (see :func:`add_config_flags`).

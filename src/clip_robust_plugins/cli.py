@@ -31,6 +31,7 @@ from .plugins import (
     PluginError,
     Registry,
     add_plugin_flags,
+    add_spec_flags,
     build_plugin_manager,
     collect_registry,
     describe_plugins,
@@ -95,6 +96,7 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
             eval_parser._add_action(action)
         add_robust_eval_flags(eval_parser)
         add_plugin_flags(eval_parser, pm)
+        add_spec_flags(eval_parser, registry)
 
     plugins_parser = sub.add_parser("plugins", parents=[parent], prog=f"{PROG} plugins",
                                     help="list plugins, their versions, hooks and registrations as JSON")

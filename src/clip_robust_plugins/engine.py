@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import states
+from .argtypes import spec_config
 from .datasets.bad_samples import skipped_summary
 from .datasets.base import DatasetError, RobustDataset
 from .datasets.plain_wds import ClassOnlyShards, is_class_only_root
@@ -89,7 +90,7 @@ def load_dataset(args: argparse.Namespace, registry: Registry) -> RobustDataset:
         spec = registry.dataset(args.dataset[len(ROBUST_PREFIX):])
         if args.shard_pattern is not None:
             raise EvalError(f"--shard_pattern applies to wds/<name> datasets, not to {args.dataset}")
-        return spec.load(DatasetRequest(root=root, options=args))
+        return spec.load(DatasetRequest(root=root, options=args, config=spec_config(spec, args)))
     if is_remote_root(root) or args.shard_pattern is not None or has_groups(root):
         return GroupedShards(root, shard_pattern=args.shard_pattern, allow_pipe_urls=args.allow_pipe_urls)
     return ClassOnlyShards(root)
@@ -239,7 +240,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         args.device = dist.device
     ctx = build_context(args, registry, dataset, eval_split, classnames, templates)
     extractor = ctx.extractor
-    mitigations = {spec.name: spec.create(args) for spec in specs}
+    mitigations = {spec.name: spec.create(spec_config(spec, args) if spec.options else args) for spec in specs}
     for spec in specs:  # preconditions, before the model is built or any feature extracted
         try:
             mitigations[spec.name].check(ctx)
@@ -295,7 +296,10 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         preds = Predictions(spec.name, eval_split, eval_fs.keys, pred, fields, schema, logits.numpy())
         metrics: dict[str, float | str] = {}
         for metric in registry.metrics.values():
-            values = metric.compute(preds, ctx=ctx, mitigation=mitigation) if metric.takes_context else metric.compute(preds)
+            kwargs = {"ctx": ctx, "mitigation": mitigation} if metric.takes_context else {}
+            if metric.options is not None:
+                kwargs["config"] = spec_config(metric, args)
+            values = metric.compute(preds, **kwargs)
             for key, value in values.items():
                 if key in metrics:
                     raise PluginError(f"metric key {key!r} produced twice (second time by metric {metric.name!r})")

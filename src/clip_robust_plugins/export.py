@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .argtypes import spec_config
 from .datasets.base import DatasetError, RobustDataset, SampleImage
 from .datasets.files import FileDataset, FileRow
 from .datasets.wds import EncodedImage, write_grouped_dataset
@@ -327,7 +328,7 @@ def run_export(args: argparse.Namespace, pm, registry: Registry) -> int:
     owner = registry.owner("datasets", name)
     options = {dest: getattr(args, dest, None) for dest in plugin_option_names(pm, owner)}
     check_output_dir(Path(args.output_dir), Path(args.dataset_root))
-    dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args))
+    dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args, config=spec_config(spec, args)))
     source = {"dataset": f"{ROBUST_PREFIX}{name}", "plugin": owner, "options": _plain(options)}
     final = export_wds(
         dataset, args.output_dir, splits=args.splits, shard_size=args.shard_size, min_shards=args.min_shards,

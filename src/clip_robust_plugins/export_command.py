@@ -11,7 +11,7 @@ from .records import CommandContext, CommandSpec
 def add_export_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None:
     """Export's own flags, plus the flags of the plugins that register datasets (a dataset reads its own)."""
     from .argtypes import at_least
-    from .plugins import add_plugin_flags
+    from .plugins import add_plugin_flags, add_spec_flags
 
     parser.add_argument("--dataset", required=True, help="robust/NAME (see `clip_benchmark_robust plugins`)")
     parser.add_argument("--dataset_root", required=True, help="where the source dataset is")
@@ -30,6 +30,7 @@ def add_export_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     dataset_plugins = {owner for (kind, _), owner in ctx.registry.owners.items() if kind == "datasets"}
     add_plugin_flags(parser, ctx.plugin_manager, only=dataset_plugins.__contains__)
+    add_spec_flags(parser, ctx.registry, kinds=("datasets",))
 
 
 def run_export_command(args: argparse.Namespace, ctx: CommandContext) -> int:

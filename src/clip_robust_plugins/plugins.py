@@ -284,3 +284,20 @@ def add_plugin_flags(parser: argparse.ArgumentParser, pm: pluggy.PluginManager,
     for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
         if only is None or only(plugin_name):
             caller(parser=parser.add_argument_group(f"plugin {plugin_name}"))
+
+
+#: registry tables whose records may declare ``options`` (their flags join ``eval``)
+OPTION_KINDS = ("datasets", "mitigations", "metrics")
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: Iterable[str] = OPTION_KINDS) -> None:
+    """The flags of every registered record that declares an ``options`` dataclass, one group per record."""
+    from .argtypes import add_config_flags
+
+    for kind in kinds:
+        for name, spec in getattr(registry, kind).items():
+            if spec.options is None:
+                continue
+            owner = registry.owner(kind, name)
+            group = parser.add_argument_group(f"{kind[:-1]} {name} (plugin {owner})")
+            add_config_flags(group, spec.options, spec.option_prefix, topic=name)

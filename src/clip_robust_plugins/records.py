@@ -32,6 +32,8 @@ class DatasetRequest:
 
     root: str
     options: argparse.Namespace = field(default_factory=argparse.Namespace)
+    #: the dataset's own typed config (an instance of its spec's ``options`` dataclass), when it declares one
+    config: Any = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class DatasetSpec:
     load: Callable[[DatasetRequest], RobustDataset]
     description: str = ""
     citation: str = ""
+    #: a dataclass of :func:`~clip_robust_plugins.argtypes.option` fields: its flags are
+    #: ``--<option_prefix><field>``, and ``load`` gets an instance as ``request.config``
+    options: type | None = None
+    option_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,10 @@ class MetricSpec:
     compute: Callable[..., Mapping[str, float | str]]
     description: str = ""
     takes_context: bool = False
+    #: a dataclass of option fields (flags ``--<option_prefix><field>``); when set,
+    #: ``compute`` is also passed ``config=`` (an instance of it)
+    options: type | None = None
+    option_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,10 @@ class MitigationSpec:
     #: the method every run evaluates first and compares the others with (exactly one
     #: registered method, zero-shot, sets this)
     baseline: bool = False
+    #: a dataclass of :func:`~clip_robust_plugins.argtypes.option` fields: its flags are
+    #: ``--<option_prefix><field>``, and ``create`` is called with an instance of it
+    options: type | None = None
+    option_prefix: str = ""
 
 
 ModelTriple = tuple["torch.nn.Module", Callable, Callable]

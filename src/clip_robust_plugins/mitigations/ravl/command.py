@@ -18,7 +18,7 @@ from .split_discovery import discover
 def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None:
     """The ``discover`` subcommand: clip_benchmark's flag names, plus every plugin's flags (datasets, ``--ravl_*``)."""
     from ...argtypes import add_data_flags
-    from ...plugins import add_plugin_flags
+    from ...plugins import add_plugin_flags, add_spec_flags
 
     parser.add_argument("--dataset", required=True, help="a group dataset: robust/<name> or wds/<name> with groups.json")
     parser.add_argument("--dataset_root", default="root", help="dataset root, clip_benchmark's templating ({dataset})")
@@ -37,6 +37,7 @@ def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_data_flags(parser)
     add_plugin_flags(parser, command_ctx.plugin_manager)
+    add_spec_flags(parser, command_ctx.registry)
 
 
 def run_discover_command(args: argparse.Namespace, command_ctx) -> int:
