@@ -37,11 +37,6 @@ def write_files(targets: Sequence[tuple[str, Callable[[str], None]]]) -> list[st
     return [t for t, _ in targets]
 
 
-def write_file(path: str, writer: Callable[[str], None]) -> str:
-    """Write one file atomically (see :func:`write_files`)."""
-    return write_files([(path, writer)])[0]
-
-
 def check_writable(path: str) -> None:
     """Fail early when ``path``'s directory cannot be created or written (before any work)."""
     directory = Path(os.path.dirname(os.path.abspath(path)))

@@ -45,11 +45,9 @@ ENV_DEBUG = "CLIP_ROBUST_DEBUG"
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, shown as one line (tracebacks with CLIP_ROBUST_DEBUG=1)."""
-    from .datasets.base import DatasetError
-    from .groups import GroupSchemaError
-    from .states import StateError
+    from .errors import passthrough_errors
 
-    return (EvalError, DatasetError, GroupSchemaError, PluginError, StateError, FileNotFoundError)
+    return (*passthrough_errors(), FileNotFoundError)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
@@ -79,6 +77,30 @@ def add_robust_eval_flags(parser: argparse.ArgumentParser) -> None:
     add_data_flags(parser)
 
 
+def _many_seeds(parser: argparse.ArgumentParser) -> None:
+    """clip_benchmark's ``--seed N`` takes a list here: one process, features extracted once."""
+    action = next(a for a in parser._actions if a.dest == "seed")
+    action.nargs = "+"
+    action.help = ("random seed(s); several (--seed 0 1 2) evaluate every method once per seed on the same "
+                   "features, one results file each: put {seed} in --output")
+
+
+def _precision_flags(parser: argparse.ArgumentParser) -> None:
+    """``--amp`` / ``--no_amp``; neither: autocast on CUDA, fp32 on a CPU (see :func:`resolve_amp`)."""
+    no_amp = next(a for a in parser._actions if a.dest == "amp")
+    no_amp.default = None
+    no_amp.help = "fp32 everywhere (no torch.autocast); the default on a CPU"
+    parser.add_argument("--amp", action="store_true", dest="amp", default=None,
+                        help="mixed precision (torch.autocast: fp16 on CUDA, bf16 on a CPU); the default on CUDA")
+
+
+def resolve_amp(args: argparse.Namespace, device: str) -> None:
+    """Neither ``--amp`` nor ``--no_amp`` given: AMP on CUDA (clip_benchmark's default), fp32 on a
+    CPU, where bf16 autocast changes results and is not faster for these models."""
+    if args.amp is None:
+        args.amp = device.startswith("cuda")
+
+
 def build_parser(pm, registry: Registry, command: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI; only ``command``'s own flags are filled in (the others list their help line)."""
     from .compat import clip_benchmark_parser
@@ -95,6 +117,8 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
         for action in parent._actions:
             eval_parser._add_action(action)
         add_robust_eval_flags(eval_parser)
+        _many_seeds(eval_parser)
+        _precision_flags(eval_parser)
         add_plugin_flags(eval_parser, pm)
         add_spec_flags(eval_parser, registry)
 
@@ -150,8 +174,6 @@ def demo_eval_argv(output_dir: str, registry: Registry, device: str) -> list[str
         argv += ["--mitigation", *mitigations]
     for name in mitigations:
         argv += list(registry.mitigation(name).demo_flags)
-    if device == "cpu":
-        argv.append("--no_amp")  # the tiny model is fastest and exact in fp32 on a CPU
     return argv
 
 
@@ -173,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, user_errors()):
             raise
-        if os.environ.get(ENV_DEBUG, "") not in ("", "0"):
+        if known.trace_plugins or os.environ.get(ENV_DEBUG, "") not in ("", "0"):
             traceback.print_exc()
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -256,6 +278,7 @@ def own_runs(args: argparse.Namespace) -> list[argparse.Namespace] | None:
 
 def run_eval(args: argparse.Namespace, pm, registry: Registry) -> None:
     """``eval``: our engine for our datasets, clip_benchmark's ``main_eval`` otherwise."""
+    resolve_amp(args, _device())
     runs = own_runs(args)
     if runs is not None:
         for run_args in runs:
@@ -265,6 +288,11 @@ def run_eval(args: argparse.Namespace, pm, registry: Registry) -> None:
 
     from . import engine
     from .compat import clip_benchmark_patched
+
+    if isinstance(args.seed, list):  # clip_benchmark's own runs take one seed
+        if len(engine.seeds(args.seed)) > 1:
+            raise EvalError(f"several --seed values apply to datasets our engine reads, not to {args.dataset}")
+        args.seed = args.seed[0]
 
     holder: dict = {}
 
@@ -287,22 +315,25 @@ def run_one(args: argparse.Namespace, registry: Registry) -> None:
     from .atomic import check_writable
 
     args.device = _device()
-    out = engine.output_path(args)
-    if os.path.exists(out) and args.skip_existing:
+    engine.check_seed_template(args)
+    outs = [engine.output_path(args, seed=seed) for seed in engine.seeds(args.seed)]
+    if all(os.path.exists(out) for out in outs) and args.skip_existing:
         if args.verbose:
-            print(f"Skip {out}, exists already.")
+            print(f"Skip {', '.join(outs)}, exists already.")
         return
-    check_writable(out)
-    result = engine.run(args, registry)
-    if result is None:  # a torchrun worker rank: rank 0 reports
+    for out in outs:
+        check_writable(out)
+    results = engine.run_seeds(args, registry)
+    if results is None:  # a torchrun worker rank: rank 0 reports
         return
-    print(report.format_table(result), file=sys.stdout)
-    written = report.write_outputs(
-        result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state
-    )
-    if args.verbose:
-        for path in written:
-            print(f"Wrote {path}")
+    for result, out in zip(results, outs):
+        print(report.format_table(result), file=sys.stdout)
+        written = report.write_outputs(
+            result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state
+        )
+        if args.verbose:
+            for path in written:
+                print(f"Wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,9 @@ line of that traceback) and the CLI can still print one line naming the file and
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.$")
 _QUALIFIED = re.compile(r"^[A-Za-z_][\w.]*: ")
@@ -29,3 +31,35 @@ def one_line(exc: BaseException) -> str:
 
 class EvalError(RuntimeError):
     """A run cannot proceed; the message says why in one line."""
+
+
+class PluginFailure(EvalError):
+    """A plugin's own code raised: the message names the plugin, what it was doing and the stage.
+
+    The original exception is chained (``__cause__``), so ``--trace_plugins`` can show it.
+    """
+
+
+def passthrough_errors() -> tuple[type[BaseException], ...]:
+    """The package's own error types: their message already names the input, shown unchanged."""
+    from .datasets.base import DatasetError
+    from .groups import GroupSchemaError
+    from .plugins import PluginError
+    from .states import StateError
+
+    return (EvalError, DatasetError, GroupSchemaError, PluginError, StateError)
+
+
+@contextlib.contextmanager
+def stage(what: str, name: str) -> Iterator[None]:
+    """Run plugin code as stage ``name`` of ``what`` (e.g. ``mitigation 'dfr' (plugin 'p')``).
+
+    Any exception but the package's own error types becomes one :class:`PluginFailure`
+    line, ``<what> failed in <name>: <Type>: <message>``.
+    """
+    try:
+        yield
+    except passthrough_errors():
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{what} failed in {name}: {type(exc).__name__}: {one_line(exc)}") from exc

@@ -10,15 +10,23 @@ when used.
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 from .compat import clip_benchmark_model_types
+from .errors import EvalError
 from .hookspecs import hookimpl
 from .records import CheckpointSpec, ModelLoaderSpec
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = "crp-tiny"
+HF_HUB = "hf-hub:"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
+OPEN_CLIP_LIST = "python -c 'import open_clip; print(open_clip.list_models())'"
 
 
 def load_open_clip(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cpu", *,
@@ -41,10 +49,91 @@ def load_open_clip(model_name: str, pretrained: str, cache_dir: str | None = Non
         # without a registry (scripts, tests), the package's own shipped checkpoints still resolve
         open_clip.add_model_config(ASSETS / f"{TINY_MODEL}.json")
         pretrained = str(ASSETS / f"{TINY_MODEL}_{pretrained}.safetensors")
-    model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, cache_dir=cache_dir)
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, cache_dir=cache_dir)
+    except Exception as exc:
+        if not os.path.isfile(pretrained):
+            raise
+        mismatch = first_mismatch(str(exc)) if "Error(s) in loading state_dict" in str(exc) else None
+        mismatch = mismatch or _first_mismatched_key(open_clip, model_name, pretrained)
+        if mismatch is None:
+            raise
+        raise EvalError(f"{pretrained}: does not fit --model {model_name}: {mismatch}") from exc
     model = model.to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, transform, tokenizer
+
+
+_MISMATCH = re.compile(r'(Missing key\(s\)|Unexpected key\(s\)) in state_dict: "([^"]+)"|size mismatch for ([^:]+): ([^\n]*)')
+
+
+def first_mismatch(message: str) -> str:
+    """The first missing, unexpected or mis-shaped key of torch's ``load_state_dict`` error."""
+    found = _MISMATCH.search(message)
+    if found is None:
+        return message.strip().splitlines()[0]
+    if found.group(1):
+        return f"{found.group(1).lower().replace('(s)', '')} {found.group(2)!r}"
+    return f"key {found.group(3)!r}: {found.group(4).strip().rstrip('.')}"
+
+
+def _first_mismatched_key(open_clip: Any, model_name: str, path: str) -> str | None:
+    """The first key of a safetensors file missing from, or shaped unlike, ``model_name``'s state
+    (None when all fit, or the file is not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError):
+        return None
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns that this reference model is randomly initialised
+    try:
+        expected = {k: tuple(v.shape) for k, v in open_clip.create_model(model_name).state_dict().items()}
+    finally:
+        logging.disable(previous)
+    for key, shape in shapes.items():
+        if key not in expected:
+            return f"unexpected key {key!r}"
+        if shape != expected[key]:
+            return f"key {key!r} has shape {shape} in the file, {expected[key]} in the model"
+    missing = next((k for k in expected if k not in shapes), None)
+    return f"missing key {missing!r}" if missing else None
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or "/" in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES)
+
+
+def check_open_clip(model_name: str, pretrained: str, *, registry: Any = None) -> None:
+    """One line for a model name open_clip does not know or a ``--pretrained`` tag that model does
+    not have (listing its real tags, registered and open_clip's, and the close match); before any
+    data is read or the model built.  A file is checked when the model loads (:func:`load_open_clip`)."""
+    if model_name.startswith(HF_HUB) or not pretrained or pretrained.startswith(HF_HUB):
+        return
+    if os.path.isfile(pretrained):
+        return
+    if _looks_like_path(pretrained):
+        raise EvalError(f"--pretrained {pretrained}: no such file")
+    import open_clip
+
+    registered = sorted(c.pretrained for c in registry.checkpoints.values() if c.model == model_name) if registry else []
+    if registry is not None:
+        for config in registry.model_config_paths(model_name):
+            open_clip.add_model_config(config)
+    models = open_clip.list_models()
+    if model_name not in models:
+        close = difflib.get_close_matches(model_name, models, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {OPEN_CLIP_LIST}"
+        raise EvalError(f"--model {model_name}: open_clip has no such model{hint}")
+    tags = registered + sorted(set(open_clip.list_pretrained_tags_by_model(model_name)) - set(registered))
+    if pretrained in registered or pretrained.lower().replace("-", "_") in tags:
+        return
+    close = difflib.get_close_matches(pretrained, tags, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = ", ".join(tags) if tags else "none (pass a checkpoint file)"
+    raise EvalError(f"--pretrained {pretrained}: not a tag of --model {model_name} (its tags: {listed}){hint}")
 
 
 def _clip_benchmark_loader(name: str):
@@ -61,7 +150,7 @@ def _clip_benchmark_loader(name: str):
 @hookimpl
 def register_model_loaders(register):
     register(ModelLoaderSpec("open_clip", load_open_clip, "open_clip.create_model_and_transforms, registered checkpoints resolved",
-                             takes_registry=True))
+                             takes_registry=True, check=check_open_clip))
     for name in clip_benchmark_model_types():
         if name != "open_clip":
             register(ModelLoaderSpec(name, _clip_benchmark_loader(name), f"clip_benchmark's {name} loader"))

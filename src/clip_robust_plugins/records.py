@@ -157,6 +157,9 @@ class ModelLoaderSpec:
     load: Callable[..., ModelTriple]
     description: str = ""
     takes_registry: bool = False
+    #: ``check(model_name, pretrained, registry=)`` raises a one-line error for a model name or
+    #: ``--pretrained`` the loader cannot load, before any data is read (None: no check)
+    check: Callable[..., None] | None = None
 
     def bind(self, registry: Any) -> Callable[..., ModelTriple]:
         """The loader with clip_benchmark's signature, handed ``registry`` when it takes one."""

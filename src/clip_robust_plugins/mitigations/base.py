@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..records import ModelTriple
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
     import torch
@@ -22,8 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..datasets.base import RobustDataset
     from ..features import FeatureExtractor, FeatureKind, FeatureSet
     from ..plugins import Registry
-
-ModelTriple = tuple[Any, Callable, Callable]
 
 
 class RunContext:

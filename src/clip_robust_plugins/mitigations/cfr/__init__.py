@@ -38,7 +38,6 @@ __all__ = [
     "NEGATIVES", "NEGATIVE_SPACES", "OPTIMIZERS", "SELECTIONS", "CFRConfig", "load_cfr_model", "logit_scale_arg",
 ]
 
-_SUBMODULES = ("config", "training", "heads", "losses", "sampling", "loader", "plot")
 #: public name -> the submodule defining it, resolved on first use.  An explicit table: pluggy
 #: probes plugin modules for every hook name, and a probe must not import the training code.
 _NAMES: dict[str, str] = {
