@@ -132,16 +132,19 @@ def vit_s_32_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_plain_clip_benchmark_command_line_gives_the_same_acc1(run_cli, shapes_root, vit_s_32_checkpoint, tmp_path):
-    """Acceptance: `eval --dataset wds/NAME --dataset_root DIR --model ViT-S-32 --pretrained FILE` via both CLIs."""
+@pytest.mark.parametrize(("ours_flags", "plain_flags"), [((), ("--no_amp",)), (("--amp",), ())], ids=["fp32", "amp"])
+def test_plain_clip_benchmark_command_line_gives_the_same_acc1(run_cli, shapes_root, vit_s_32_checkpoint, tmp_path,
+                                                               ours_flags, plain_flags):
+    """Acceptance: `eval --dataset wds/NAME --dataset_root DIR --model ViT-S-32 --pretrained FILE` via both CLIs,
+    under the same precision: our CPU default (fp32) is clip_benchmark's --no_amp; our --amp its default."""
     argv = [
         "eval", "--dataset", "wds/spurious_shapes", "--dataset_root", str(shapes_root),
         "--model", "ViT-S-32", "--pretrained", str(vit_s_32_checkpoint), "--num_workers", "0",
     ]
     results = tmp_path / "results"
     results.mkdir()
-    _plain_clip_benchmark([*argv, "--output", str(results / "plain.json")], cwd=tmp_path)
-    rc, _, _ = run_cli(*argv, "--output", results / "robust.json", "--no_feature_cache")
+    _plain_clip_benchmark([*argv, *plain_flags, "--output", str(results / "plain.json")], cwd=tmp_path)
+    rc, _, _ = run_cli(*argv, *ours_flags, "--output", results / "robust.json", "--no_feature_cache")
     assert rc == 0
     plain, ours = read_json(results / "plain.json"), read_json(results / "robust.json")
     assert ours["metrics"]["acc1"] == plain["metrics"]["acc1"]
