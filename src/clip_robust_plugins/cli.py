@@ -293,6 +293,7 @@ def run_eval(args: argparse.Namespace, pm, registry: Registry) -> None:
         if len(engine.seeds(args.seed)) > 1:
             raise EvalError(f"several --seed values apply to datasets our engine reads, not to {args.dataset}")
         args.seed = args.seed[0]
+        args.output = args.output.replace("{seed}", str(args.seed))  # clip_benchmark fills the other fields
 
     holder: dict = {}
 

@@ -112,8 +112,8 @@ def check_open_clip(model_name: str, pretrained: str, *, registry: Any = None) -
     data is read or the model built.  A file is checked when the model loads (:func:`load_open_clip`)."""
     if model_name.startswith(HF_HUB) or not pretrained or pretrained.startswith(HF_HUB):
         return
-    if os.path.isfile(pretrained):
-        return
+    if os.path.isfile(pretrained) or (registry is not None and registry.checkpoint(model_name, pretrained) is not None):
+        return  # a file (checked when loaded) or a registered checkpoint: no need to import open_clip
     if _looks_like_path(pretrained):
         raise EvalError(f"--pretrained {pretrained}: no such file")
     import open_clip
