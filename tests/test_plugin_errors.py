@@ -54,7 +54,16 @@ def _fragile_dataset(request):
     _maybe_fail("dataset")
     from clip_robust_plugins.datasets.spurious_shapes import load_spurious_shapes
 
-    return load_spurious_shapes(request)
+    dataset = load_spurious_shapes(request)
+    for method in ("splits", "fingerprint"):  # read before the dataset is used / while its features are read
+        original = getattr(dataset, method)
+
+        def fragile(*args, _original=original, _method=method):
+            _maybe_fail(f"dataset.{_method}")
+            return _original(*args)
+
+        setattr(dataset, method, fragile)
+    return dataset
 
 
 class FragilePlugin:
@@ -160,3 +169,11 @@ def test_the_same_plugin_runs_when_nothing_fails(fragile, tmp_path):
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["fragile/fragile_metric"] == 1.0
     assert metrics["fragile/acc1"] == metrics["zeroshot/acc1"]  # same logits as zero-shot
+
+
+@pytest.mark.parametrize(("method", "stage"), [("splits", "splits"), ("fingerprint", "extract (split 'test')")])
+def test_a_dataset_failing_later_names_the_stage(fragile, tmp_path, method, stage):
+    out = tmp_path / "out" / "r.json"
+    rc, err = fragile(f"dataset.{method}", RuntimeError, "--dataset", "robust/fragile_shapes", out=out)
+    assert_one_line(rc, err, out, f"dataset 'robust/fragile_shapes' (plugin 'fragile_plugin') failed in {stage}:",
+                    "RuntimeError", f"boom in dataset.{method}")
