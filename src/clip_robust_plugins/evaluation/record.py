@@ -34,6 +34,7 @@ def results_dump(run: Any, ctx: Any, results: list[MethodResult], seed: int, pro
         "robust": {
             "split": run.eval_split,
             "seed": seed,
+            "amp": bool(args.amp),  # torch.autocast on (--amp, CUDA's default) or fp32 (a CPU's default)
             "baseline": run.baseline.name,
             "methods": {r.name: r.info for r in results},
             "groups": run.dataset.schema.group_names(),
