@@ -184,10 +184,7 @@ def _command_name(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    pre.add_argument("--trace_plugins", action="store_true")
-    known, _ = pre.parse_known_args(argv)
+    known, _ = plugin_parent_parser().parse_known_args(argv)  # --plugin / --trace_plugins, before the registry
     try:
         pm = build_plugin_manager(known.plugin, trace=True if known.trace_plugins else None)
         registry = collect_registry(pm)

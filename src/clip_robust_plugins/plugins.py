@@ -274,7 +274,8 @@ def plugin_parent_parser() -> argparse.ArgumentParser:
         "--plugin", action="append", default=[], metavar="MODULE",
         help="import MODULE as a plugin for this run (repeatable), like `pytest -p`",
     )
-    group.add_argument("--trace_plugins", action="store_true", help="log every plugin hook call to stderr")
+    group.add_argument("--trace_plugins", action="store_true",
+                       help="log every plugin hook call to stderr, and show the traceback of an error")
     return parent
 
 
