@@ -211,7 +211,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         raise EvalError(f"{saved[unused[0]].path}: state for {unused[0]!r}, which is not among --mitigation {methods[1:]}")
     dataset = load_dataset(args, registry)
     note = None
-    if not getattr(dataset, "has_group_labels", True):
+    if not dataset.has_group_labels:
         needy = [spec.name for spec in specs if "group" in spec.needs.labels and spec.name not in saved]
         if needy:
             raise EvalError(f"{needy[0]} needs group labels, but {args.dataset} has no group metadata (no groups.json)")
