@@ -224,6 +224,8 @@ def _check_rows(rows: Sequence[FileRow], schema: GroupSchema, name: str, split: 
             )
     n_fields = len(schema.fields)
     for row in rows:
+        if not row.key:
+            raise DatasetError(f"{row.where}: empty sample key (an empty file name?)")
         if len(row.values) != n_fields:
             raise DatasetError(f"{row.where}: {len(row.values)} metadata values, expected {n_fields}")
         for f, v in zip(schema.fields, row.values):

@@ -15,7 +15,7 @@ from pathlib import Path
 from .base import DatasetError
 
 #: the image file extensions folder readers accept by default
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:

@@ -37,7 +37,7 @@ from .base import DatasetError
 
 NAME = "imagefolder"
 TEMPLATES = ("a photo of a {c}.",)
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SPLIT_ALIASES = {"valid": "val", "validation": "val"}
 CITATION = "layout of SpuCo (Joshi et al., Towards Mitigating Spurious Correlations in the Wild, 2023)"
 
