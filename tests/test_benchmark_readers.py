@@ -249,3 +249,31 @@ def test_counter_drop_is_common_minus_counter_accuracy():
     pred = np.array([0, 1, 0, 0, 0])  # common 2/2, counter 1/3
     got = counteranimal.counter_drop(Predictions("m", "test", tuple("abcde"), pred, fields, schema))
     assert got["counter_drop"] == pytest.approx(1 - 1 / 3) and got["counter_drop/counter_acc"] == pytest.approx(1 / 3)
+
+
+def test_eval_reads_the_readers_flags_and_reports_the_counter_drop(run_cli, spawrious_root, tmp_path, tiny_pretrained):
+    root, sizes = spawrious_root
+    tiny = ["--model", "crp-tiny", "--pretrained", tiny_pretrained, "--num_workers", "0", "--no_feature_cache", "--no_amp"]
+    out = tmp_path / "spawrious.json"
+    rc, _, err = run_cli("eval", "--dataset", "robust/spawrious", "--dataset_root", root, "--spawrious_benchmark",
+                         "m2m_hard", "--spawrious_total", "10", *tiny, "--output", out)
+    assert rc == 0, err
+    dump = json.loads(out.read_text())
+    assert dump["robust"]["dataset_source"]["options"] == {"benchmark": "m2m_hard", "total": 10}
+    expected = expected_spawrious("m2m_hard", 10, sizes)["test"]
+    names = [f"y:{c}_location:{loc}" for c in SPAWRIOUS_CLASSES for loc in SPAWRIOUS_LOCATIONS]
+    assert [dump["metrics"][f"zeroshot/group_count/{n}"] for n in names] == expected
+    write_counteranimal(tmp_path / "ca")
+    out = tmp_path / "ca.json"
+    rc, _, err = run_cli("eval", "--dataset", "robust/counteranimal", "--dataset_root", tmp_path / "ca", *tiny,
+                         "--save_predictions", "--output", out)
+    assert rc == 0, err
+    metrics = json.loads(out.read_text())["metrics"]
+    rows = list(csv.DictReader(open(tmp_path / "ca_predictions.csv")))
+    acc = {k: np.mean([r["pred_zeroshot"] == r["y"] for r in rows if r["group"].endswith(f"background:{k}")])
+           for k in ("common", "counter")}
+    assert metrics["zeroshot/counter_drop"] == pytest.approx(acc["common"] - acc["counter"])
+    with pytest.raises(SystemExit) as info:  # argparse's one-line usage error
+        run_cli("eval", "--dataset", "robust/spawrious", "--dataset_root", root, "--spawrious_benchmark",
+                "o2o_impossible", *tiny, "--output", tmp_path / "x.json")
+    assert info.value.code == 2
