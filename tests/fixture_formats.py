@@ -180,3 +180,89 @@ def write_imagefolder(root: Path, counts=FOLDER_COUNTS, seed: int = 0) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(shapes_image(rng, ("square", "diamond").index(cls), ("land", "water").index(attr)))
     return counts
+
+
+def _write_files(paths: list[Path], rng: np.random.Generator, fmt: str, size: int = 8) -> None:
+    """Tiny images at ``paths``, created in a shuffled order."""
+    for j in rng.permutation(len(paths)):
+        paths[j].parent.mkdir(parents=True, exist_ok=True)
+        paths[j].write_bytes(tiny_image(rng, fmt, size))
+
+
+# ------------------------------------------------------------------------- Spawrious
+SPAWRIOUS_CLASSES = ("bulldog", "corgi", "dachshund", "labrador")
+SPAWRIOUS_LOCATIONS = ("desert", "jungle", "dirt", "mountain", "snow", "beach")
+
+
+def spawrious_folder_size(env: int, location: str, cls: str) -> int:
+    """Images the fixture puts in ``{env}/{location}/{cls}``: 10 to 12, so limits of 8 to 10 bind."""
+    return 10 + (env + SPAWRIOUS_LOCATIONS.index(location) + SPAWRIOUS_CLASSES.index(cls)) % 3
+
+
+def write_spawrious(root: Path, seed: int = 0) -> dict[str, int]:
+    """The full release: ``spawrious224/{0|1}/{location}/{class}/{n}.png`` (every folder of both
+    environments); returns ``{"env/location/class": image count}``."""
+    rng = np.random.default_rng(seed)
+    sizes, paths = {}, []
+    for env in (0, 1):
+        for loc in SPAWRIOUS_LOCATIONS:
+            for cls in SPAWRIOUS_CLASSES:
+                n = spawrious_folder_size(env, loc, cls)
+                sizes[f"{env}/{loc}/{cls}"] = n
+                paths += [root / "spawrious224" / str(env) / loc / cls / f"{i}.png" for i in range(n)]
+    _write_files(paths, rng, "PNG", 4)
+    return sizes
+
+
+# -------------------------------------------------------------------------- MetaShift
+METASHIFT_COUNTS = {"train/cat/cat(indoor)": 7, "train/dog/dog(outdoor)": 9, "test/cat/cat(outdoor)": 4,
+                    "test/dog/dog(indoor)": 5}
+
+
+def write_metashift(root: Path, counts=METASHIFT_COUNTS, seed: int = 0) -> dict[str, int]:
+    """SubpopBench's MetaShift download: ``MetaShift-Cat-Dog-indoor-outdoor/{train,test}/{cat,dog}/...``
+    with Visual Genome style ``<id>.jpg`` names."""
+    rng = np.random.default_rng(seed)
+    base = root / "MetaShift-Cat-Dog-indoor-outdoor"
+    paths = [base / folder / f"{2300000 + 37 * k + i}.jpg" for k, (folder, n) in enumerate(counts.items())
+             for i in range(n)]
+    _write_files(paths, rng, "JPEG")
+    return counts
+
+
+# ------------------------------------------------------------------------ ImageNet-9
+IN9_CLASSES = ("00_dog", "01_bird", "02_wheeled vehicle", "03_reptile", "04_carnivore", "05_insect",
+               "06_musical instrument", "07_primate", "08_fish")
+IN9_VARIANTS = ("original", "mixed_same", "mixed_rand", "mixed_next", "only_fg", "no_fg", "only_bg_b", "only_bg_t")
+
+
+def in9_size(variant: str, cls: str) -> int:
+    return 1 + (IN9_VARIANTS.index(variant) + IN9_CLASSES.index(cls)) % 2
+
+
+def write_imagenet9(root: Path, variants=IN9_VARIANTS, seed: int = 0) -> None:
+    """The released ``bg_challenge``: ``{variant}/val/{NN_class}/{wnid}_{n}.JPEG``."""
+    rng = np.random.default_rng(seed)
+    paths = [root / v / "val" / c / f"n0{2084071 + k}_{i}.JPEG" for v in variants for k, c in enumerate(IN9_CLASSES)
+             for i in range(in9_size(v, c))]
+    _write_files(paths, rng, "JPEG")
+
+
+# ---------------------------------------------------------------------- CounterAnimal
+#: class folder -> (common background, counter background, images common, images counter)
+COUNTERANIMAL_FOLDERS = {
+    "34 leatherback turtle": ("water", "sand", 3, 2),
+    "80 black grouse": ("grass", "snow", 2, 4),
+    "296 ice bear": ("snow", "grass", 4, 1),
+}
+
+
+def write_counteranimal(root: Path, seed: int = 0) -> None:
+    """``LAION-final/{id} {name}/{common|counter}-{background}/{n}.jpg``."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for folder, (common, counter, n_common, n_counter) in COUNTERANIMAL_FOLDERS.items():
+        base = root / "LAION-final" / folder
+        paths += [base / f"common-{common}" / f"{i}.jpg" for i in range(n_common)]
+        paths += [base / f"counter-{counter}" / f"{i}.jpg" for i in range(n_counter)]
+    _write_files(paths, rng, "JPEG")

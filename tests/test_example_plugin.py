@@ -31,7 +31,7 @@ from clip_robust_plugins.pytest_plugin import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SRC = REPO / "examples" / "crp-example-plugin"
-EXPECTED_HOOKS = ["add_arguments", "register_datasets", "register_metrics", "register_mitigations"]
+EXPECTED_HOOKS = ["register_datasets", "register_metrics", "register_mitigations"]
 SMALL_SHAPES = ["--shapes_train_size", "48", "--shapes_val_size", "24", "--shapes_test_size", "24"]
 
 
@@ -95,7 +95,7 @@ def test_installed_example_is_discovered_with_version_hooks_and_records(example_
     assert example["version"] == "0.1.0"
     assert example["hooks"] == EXPECTED_HOOKS
     assert example["registers"] == {
-        "datasets": ["example_stripes"],
+        "datasets": ["example_photos", "example_stripes"],
         "metrics": ["example_group_acc_std"],
         "mitigations": ["example_prior_shift"],
         "model_loaders": [],
@@ -193,7 +193,7 @@ def test_allow_list_selects_the_example_by_entry_point_name(example_on_path, tmp
 def test_stripes_dataset_generates_reads_back_and_checks_its_root(example_on_path, tmp_path):
     from crp_example_plugin import stripes
 
-    request = DatasetRequest(root=str(tmp_path / "a"), options=argparse.Namespace(stripes_size=12))
+    request = DatasetRequest(root=str(tmp_path / "a"), config=stripes.StripesConfig(size=12))
     ds = stripes.load(request)
     assert isinstance(ds, GroupedShards) and ds.splits() == ("test", "train", "val")
     assert ds.classnames == ["horizontal", "vertical", "diagonal"]
@@ -205,21 +205,23 @@ def test_stripes_dataset_generates_reads_back_and_checks_its_root(example_on_pat
     assert len(items) == 12 and items[0][1].size == (32, 32)
     assert sorted(ds.schema.group_ids(np.stack([f.numpy() for _, _, f in items]))) == sorted(list(range(6)) * 2)
     # deterministic: a second root holds byte-identical shards
-    again = stripes.load(DatasetRequest(root=str(tmp_path / "b"), options=argparse.Namespace(stripes_size=12)))
+    again = stripes.load(DatasetRequest(root=str(tmp_path / "b"), config=stripes.StripesConfig(size=12)))
     for split in ds.splits():
         assert (ds.root / split / "0.tar").read_bytes() == (again.root / split / "0.tar").read_bytes()
-    # reopening is free; another size regenerates; a foreign directory is refused
+    # reopening is free; another size is refused (naming the flag), as is a foreign directory
     mtime = (ds.root / "groups.json").stat().st_mtime_ns
     stripes.load(request)
     assert (ds.root / "groups.json").stat().st_mtime_ns == mtime
-    bigger = stripes.load(DatasetRequest(root=str(tmp_path / "a"), options=argparse.Namespace(stripes_size=24)))
+    with pytest.raises(DatasetError, match=r"size=12 \(requested 24\).*--stripes_\*"):
+        stripes.load(DatasetRequest(root=str(tmp_path / "a"), config=stripes.StripesConfig(size=24)))
+    bigger = stripes.load(DatasetRequest(root=str(tmp_path / "d"), config=stripes.StripesConfig(size=24)))
     assert bigger.schema.counts("val").sum() == 24
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    with pytest.raises(DatasetError, match="not empty"):
-        stripes.load(DatasetRequest(root=str(tmp_path / "foreign"), options=argparse.Namespace(stripes_size=12)))
+    with pytest.raises(DatasetError, match="refusing to generate"):
+        stripes.load(DatasetRequest(root=str(tmp_path / "foreign"), config=stripes.StripesConfig(size=12)))
     with pytest.raises(DatasetError, match="at least 6"):
-        stripes.load(DatasetRequest(root=str(tmp_path / "c"), options=argparse.Namespace(stripes_size=5)))
+        stripes.StripesConfig(size=5)
 
 
 def test_group_acc_std_metric(example_on_path):

@@ -57,7 +57,7 @@ def test_export_is_byte_identical_across_workers_and_copies_the_jpegs(run_cli, t
     assert [f.values for f in schema.fields] == [("landbird", "waterbird"), ("land", "water")]
     assert doc["source"] == {
         "dataset": "robust/waterbirds", "plugin": "clip_robust_plugins.datasets.waterbirds",
-        "options": {"waterbirds_metadata": None},
+        "options": {"waterbirds_metadata": "metadata.csv"},
     }
     assert (root / "classnames.txt").read_text() == "landbird\nwaterbird\n"
     # the original JPEG bytes, under keys derived from img_filename, with the labels of metadata.csv

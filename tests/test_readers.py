@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -12,11 +11,11 @@ import torch
 
 from clip_robust_plugins.datasets.bad_samples import SkippedSample
 from clip_robust_plugins.datasets.base import DatasetError
-from clip_robust_plugins.datasets.celeba import load_celeba
+from clip_robust_plugins.datasets.celeba import CelebAConfig, load_celeba
 from clip_robust_plugins.datasets.files import key_from_path
 from clip_robust_plugins.datasets.imagefolder import load_imagefolder
-from clip_robust_plugins.datasets.subpop import load_subpop
-from clip_robust_plugins.datasets.waterbirds import load_waterbirds
+from clip_robust_plugins.datasets.subpop import SubpopConfig, load_subpop
+from clip_robust_plugins.datasets.waterbirds import WaterbirdsConfig, load_waterbirds
 from clip_robust_plugins.records import DatasetRequest
 from fixture_formats import (
     CELEBA_ATTRIBUTES,
@@ -33,8 +32,8 @@ from fixture_formats import (
 )
 
 
-def request(root: Path, **options) -> DatasetRequest:
-    return DatasetRequest(root=str(root), options=argparse.Namespace(**options))
+def request(root: Path, config=None) -> DatasetRequest:
+    return DatasetRequest(root=str(root), config=config)
 
 
 def counts(ds) -> dict[str, list[int]]:
@@ -116,7 +115,7 @@ def test_waterbirds_metadata_flag_and_custom_path(tmp_path):
     root = tmp_path / "wb"
     write_waterbirds(root)
     (root / "metadata.csv").rename(root / "meta_other.csv")
-    ds = load_waterbirds(request(root, waterbirds_metadata="meta_other.csv"))
+    ds = load_waterbirds(request(root, WaterbirdsConfig(metadata="meta_other.csv")))
     assert counts(ds) == WATERBIRDS_COUNTS
 
 
@@ -133,7 +132,7 @@ def test_celeba_original_txt_and_csv_variants_give_the_written_counts(tmp_path, 
     keys = [k for k, _ in read_back(ds, "val")]
     assert keys == sorted(i[:-4] for i, (split, _) in table.items() if split == "val")
     # any other pair of attributes, -1/1 mapped to 0/1, counted from the fixture's own table
-    ds2 = load_celeba(request(tmp_path, celeba_target_attribute="Smiling", celeba_spurious_attribute="Young"))
+    ds2 = load_celeba(request(tmp_path, CelebAConfig(target_attribute="Smiling", spurious_attribute="Young")))
     for split in ("train", "val", "test"):
         expected = [0] * 4
         for s, values in table.values():
@@ -146,7 +145,7 @@ def test_celeba_original_txt_and_csv_variants_give_the_written_counts(tmp_path, 
 def test_celeba_errors_list_valid_attributes_and_name_the_line(tmp_path):
     write_celeba(tmp_path, "txt")
     with pytest.raises(DatasetError, match="unknown attribute 'Blonde' for --celeba_target_attribute; valid: 5_o_Clock_Shadow, "):
-        load_celeba(request(tmp_path, celeba_target_attribute="Blonde"))
+        load_celeba(request(tmp_path, CelebAConfig(target_attribute="Blonde")))
     lines = (tmp_path / "list_attr_celeba.txt").read_text().splitlines()
     parts = lines[4].split()
     parts[1 + CELEBA_ATTRIBUTES.index("Male")] = "0"  # neither -1 nor 1
@@ -171,7 +170,7 @@ def test_subpop_metadata_with_sidecar_names_gives_the_written_counts(tmp_path):
     got = dict(read_back(ds, "train"))
     assert got == {key_from_path(r["filename"]): [int(r["y"]), int(r["a"])] for r in rows if r["split"] == "0"}
     # names from the flags win over the sidecar
-    flagged = load_subpop(request(tmp_path, subpop_classnames=["kitten", "puppy", "chick"], subpop_attributes=["in", "out"]))
+    flagged = load_subpop(request(tmp_path, SubpopConfig(classnames=("kitten", "puppy", "chick"), attributes=("in", "out"))))
     assert flagged.classnames == ["kitten", "puppy", "chick"] and flagged.schema.group_names()[1] == "y:kitten_a:out"
     assert counts(flagged) == SUBPOP_COUNTS
 
@@ -181,15 +180,15 @@ def test_subpop_needs_class_names_and_checks_labels(tmp_path):
     with pytest.raises(DatasetError, match="no class names .* --subpop_classnames"):
         load_subpop(request(tmp_path))
     with pytest.raises(DatasetError, match=r"metadata\.csv line \d+: column 'y': value 2 is out of range"):
-        load_subpop(request(tmp_path, subpop_classnames=["cat", "dog"]))
-    ds = load_subpop(request(tmp_path, subpop_classnames=SUBPOP_CLASSES))
+        load_subpop(request(tmp_path, SubpopConfig(classnames=("cat", "dog"))))
+    ds = load_subpop(request(tmp_path, SubpopConfig(classnames=tuple(SUBPOP_CLASSES))))
     assert ds.schema.field("a").values == ("a0", "a1")  # attribute names default to their codes
     with open(tmp_path / "metadata.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["filename", "y", "split"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     with pytest.raises(DatasetError, match=r"missing column\(s\) \['a'\]"):
-        load_subpop(request(tmp_path, subpop_classnames=SUBPOP_CLASSES))
+        load_subpop(request(tmp_path, SubpopConfig(classnames=tuple(SUBPOP_CLASSES))))
 
 
 # ----------------------------------------------------------------------- image folders
@@ -254,4 +253,4 @@ def test_readers_are_registered_with_their_flags(run_cli):
     for name in ("waterbirds", "celeba", "subpop", "imagefolder"):
         row = rows[f"clip_robust_plugins.datasets.{name}"]
         assert row["registers"]["datasets"] == [name]
-        assert "add_arguments" in row["hooks"]
+        assert "add_arguments" not in row["hooks"]  # flags from DatasetSpec(options=...), one config idiom

@@ -162,7 +162,7 @@ def plan(args: argparse.Namespace, registry: Registry) -> RunPlan:
 def _group_label_note(args: argparse.Namespace, dataset: RobustDataset, specs: list[MitigationSpec],
                       saved: dict) -> str | None:
     """Without group metadata, groups are the classes: say so, and refuse methods that need groups."""
-    if getattr(dataset, "has_group_labels", True):
+    if dataset.has_group_labels:
         return None
     needy = [spec.name for spec in specs if "group" in spec.needs.labels and spec.name not in saved]
     if needy:

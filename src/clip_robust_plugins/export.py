@@ -24,6 +24,7 @@ stops the export with a one-line error naming it, and nothing is moved into plac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -41,7 +42,7 @@ from PIL import Image
 from . import __version__
 from .argtypes import spec_config
 from .datasets.base import DatasetError, RobustDataset, SampleImage
-from .datasets.files import FileDataset, FileRow
+from .datasets.files import FileRow
 from .datasets.wds import EncodedImage, write_grouped_dataset
 from .groups import GROUPS_FILE, GroupSchema, GroupSchemaError
 from .plugins import Registry, per_plugin_callers
@@ -179,8 +180,9 @@ def _encode_for_pool(args: tuple[tuple[str, SampleImage, torch.Tensor], tuple[st
 def encoded_samples(dataset: RobustDataset, split: str, workers: int) -> Iterator[Encoded | Failed]:
     """Every sample of ``split`` encoded, in the dataset's order, with ``workers`` processes."""
     field_names = dataset.schema.field_names
-    if isinstance(dataset, FileDataset):
-        mapped: torch.utils.data.Dataset | None = _FileRows(dataset.rows(split))
+    rows = dataset.file_rows(split)
+    if rows is not None:
+        mapped: torch.utils.data.Dataset | None = _FileRows(rows)
     else:
         data = dataset.samples(split, CaptureSample())
         mapped = None if isinstance(data, torch.utils.data.IterableDataset) else _EncodedSamples(data, field_names)
@@ -205,8 +207,9 @@ def split_size(dataset: RobustDataset, split: str) -> int | None:
     declared = dataset.schema.split_counts.get(split)
     if declared:
         return int(sum(declared))
-    if isinstance(dataset, FileDataset):
-        return len(dataset.rows(split))
+    rows = dataset.file_rows(split)
+    if rows is not None:
+        return len(rows)
     return None
 
 
@@ -327,8 +330,11 @@ def run_export(args: argparse.Namespace, pm, registry: Registry) -> int:
     spec = registry.dataset(name)
     owner = registry.owner("datasets", name)
     options = {dest: getattr(args, dest, None) for dest in plugin_option_names(pm, owner)}
+    config = spec_config(spec, args)
+    if config is not None:  # the reader's typed config, under its flag names
+        options.update({f"{spec.option_prefix}{k}": v for k, v in dataclasses.asdict(config).items()})
     check_output_dir(Path(args.output_dir), Path(args.dataset_root))
-    dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args, config=spec_config(spec, args)))
+    dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args, config=config))
     source = {"dataset": f"{ROBUST_PREFIX}{name}", "plugin": owner, "options": _plain(options)}
     final = export_wds(
         dataset, args.output_dir, splits=args.splits, shard_size=args.shard_size, min_shards=args.min_shards,

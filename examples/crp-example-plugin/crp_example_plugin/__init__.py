@@ -4,10 +4,11 @@ This module is the plugin (the entry point ``example`` in the group
 ``clip_robust_plugins`` names it): the functions below, marked with
 ``clip_robust_plugins.hookimpl``, are the hooks it implements.
 
-- ``register_datasets``: ``robust/example_stripes`` (see :mod:`.stripes`);
+- ``register_datasets``: ``robust/example_stripes`` (see :mod:`.stripes`; its flag
+  ``--stripes_size`` comes from ``options=``) and ``robust/example_photos`` (see :mod:`.photos`,
+  a CSV reader built with the public reader kit);
 - ``register_metrics``: ``example_group_acc_std`` -> ``group_acc_std``;
-- ``register_mitigations``: ``example_prior_shift`` (see :mod:`.prior_shift`);
-- ``add_arguments``: ``--stripes_size``.
+- ``register_mitigations``: ``example_prior_shift`` (see :mod:`.prior_shift`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from clip_robust_plugins import DatasetSpec, MetricSpec, Predictions, hookimpl
 
-from . import prior_shift, stripes
+from . import photos, prior_shift, stripes
 
 __version__ = "0.1.0"
 
@@ -47,8 +48,11 @@ def register_datasets(register):
             load=stripes.load,
             description="example plugin: stripe orientation (3 classes) x warm/cool palette (spurious), "
             "90%-correlated train split, group-balanced val/test, generated on first use",
+            options=stripes.StripesConfig,
+            option_prefix="stripes_",
         )
     )
+    register(photos.SPEC)
 
 
 @hookimpl
@@ -60,10 +64,3 @@ def register_metrics(register):
 def register_mitigations(register):
     register(prior_shift.SPEC)
 
-
-@hookimpl
-def add_arguments(parser):
-    parser.add_argument(
-        "--stripes_size", type=int, default=stripes.DEFAULT_SIZE,
-        help=f"robust/{stripes.NAME}: images per split (default: %(default)s)",
-    )

@@ -4,20 +4,30 @@ Three classes (``y``: the stripes' orientation) times two attribute values (``a`
 stripes' colour palette), grouped ``g = y * 2 + a``.  In the train split each class
 appears with its "own" palette (horizontal and diagonal: warm, vertical: cool) with
 probability :data:`TRAIN_CORRELATION`; val and test hold the same number of images
-in every group.  Everything is a pure function of the split size, so a root is
-regenerated only when ``--stripes_size`` changes.
+in every group.  Everything is a pure function of the split size; the reader kit's
+generator life cycle (``open_generated``) writes a root once and refuses to reuse it for
+another ``--stripes_size``.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from clip_robust_plugins import DatasetError, DatasetRequest, GroupedShards, two_field_schema, write_grouped_dataset
+from clip_robust_plugins import (
+    DatasetError,
+    DatasetRequest,
+    GroupedShards,
+    generator_metadata,
+    open_generated,
+    option,
+    reader_config,
+    two_field_schema,
+    write_grouped_dataset,
+)
 
 NAME = "example_stripes"
 CLASSES = ("horizontal", "vertical", "diagonal")
@@ -33,7 +43,6 @@ _COLOURS = {
     "warm": np.array([[225.0, 60.0, 40.0], [240.0, 160.0, 40.0], [230.0, 215.0, 70.0]]),
     "cool": np.array([[40.0, 90.0, 225.0], [40.0, 175.0, 120.0], [60.0, 200.0, 225.0]]),
 }
-_OWN_ENTRIES = {*SPLITS, "classnames.txt", "zeroshot_classification_templates.txt"}
 
 
 def group_counts(size: int, split: str) -> np.ndarray:
@@ -74,41 +83,30 @@ def iter_split(size: int, split: str):
         yield f"stripes_{split}_{i:05d}", render(rng, y, a), {"y": y, "a": a}, None, None
 
 
-def _generator_info(size: int) -> dict:
-    return {"name": NAME, "version": GENERATOR_VERSION, "size": size}
+@dataclass(frozen=True)
+class StripesConfig:
+    """``--stripes_*`` flags (declared with ``DatasetSpec(options=StripesConfig, option_prefix="stripes_")``)."""
+
+    size: int = option(DEFAULT_SIZE, "images per split")
+
+    def __post_init__(self) -> None:
+        if self.size < len(CLASSES) * len(PALETTES):
+            raise DatasetError(f"{NAME}: --stripes_size must be at least 6 (one image per group), got {self.size}")
 
 
-def generate(root: Path, size: int) -> None:
+def generate(root: Path, config: StripesConfig) -> None:
     write_grouped_dataset(
         root,
         two_field_schema(CLASSES, PALETTES),
         TEMPLATES,
-        {split: iter_split(size, split) for split in SPLITS},
-        extra_metadata={"generator": _generator_info(size)},
+        {split: iter_split(config.size, split) for split in SPLITS},
+        extra_metadata=generator_metadata(NAME, GENERATOR_VERSION, config),
     )
 
 
 def load(request: DatasetRequest) -> GroupedShards:
-    """Open the shards at ``request.root``, generating them when missing or of another size."""
-    size = getattr(request.options, "stripes_size", None)
-    size = DEFAULT_SIZE if size is None else int(size)
-    if size < len(CLASSES) * len(PALETTES):
-        raise DatasetError(f"{NAME}: --stripes_size must be at least 6 (one image per group), got {size}")
-    root = Path(request.root)
-    groups = root / "groups.json"
-    if groups.is_file():
-        try:
-            stored = json.loads(groups.read_text()).get("generator") or {}
-        except (ValueError, AttributeError) as exc:
-            raise DatasetError(f"{groups}: unreadable ({exc})") from None
-        if stored.get("name") != NAME:
-            raise DatasetError(f"{root}: holds another dataset ({stored.get('name')!r}); choose another --dataset_root")
-        if stored == _generator_info(size):
-            return GroupedShards(root)
-    elif root.is_dir():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN_ENTRIES and not p.name.startswith("."))
-        if foreign:
-            raise DatasetError(f"{root}: not empty ({', '.join(foreign[:3])}); choose another --dataset_root for {NAME}")
-    print(f"crp_example_plugin: generating robust/{NAME} ({size} images per split) into {root}", file=sys.stderr)
-    generate(root, size)
-    return GroupedShards(root)
+    """Open the shards at ``request.root``, generating them on first use; the kit's life cycle
+    refuses a root generated with another size (or by another generator) instead of mixing data."""
+    config = reader_config(request, StripesConfig)
+    return open_generated(request, name=NAME, version=GENERATOR_VERSION, config=config, flag_prefix="stripes_",
+                          splits=SPLITS, generate=generate)

@@ -10,7 +10,7 @@ interface, so a third-party reader plugs in by returning one from its ``DatasetS
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +120,22 @@ class RobustDataset(ABC):
         if isinstance(data, torch.utils.data.IterableDataset):
             return EveryNth(data, rank, world_size)
         return _IndexedPart(data, rank, world_size)
+
+    def file_rows(self, split: str) -> Sequence[Any] | None:
+        """The :class:`~clip_robust_plugins.readers.FileRow` records of a split read from image
+        files (``export_wds`` then copies the files' bytes instead of re-encoding); None (the
+        default) for other datasets."""
+        return None
+
+    def sample_annotations(self, split: str) -> dict[str, Any] | None:
+        """What every sample of ``split`` carries besides its image, told without decoding one.
+
+        ``{"mask": bool, "box": bool}`` (True: every sample has a foreground mask / an object
+        box; False: some sample lacks it), optionally ``"json_keys": {key: samples having it}``
+        and ``"samples": n``.  None (the default) means unknown: consumers (SEraser's
+        ``--seraser_views auto``, RaVL's region metrics) then fall back to safe choices.
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Provenance recorded in the results JSON."""

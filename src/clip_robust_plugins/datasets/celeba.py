@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
+from ..readers import SPLIT_CODES, FileDataset, FileRow, key_from_path, parse_int, read_csv, read_text, reader_config
 from ..records import DatasetRequest, DatasetSpec
 from .base import DatasetError
-from .files import SPLIT_CODES, FileDataset, FileRow, key_from_path, parse_int, read_csv
 
 NAME = "celeba"
 DEFAULT_TARGET = "Blond_Hair"
@@ -77,7 +79,7 @@ def read_attributes(path: Path, wanted: Sequence[str]) -> tuple[list[str], dict[
             where = f"{path} line {line}"
             out[cells["image_id"].strip()] = (tuple(_attr_value(cells[a], where, a) for a in wanted), where)
         return names, out
-    lines = path.read_text().splitlines()
+    lines = read_text(path, "attribute file").splitlines()
     if len(lines) < 2:
         raise DatasetError(f"{path}: expected a count line and an attribute-name line")
     count = parse_int(lines[0], f"{path} line 1", "image count")
@@ -112,7 +114,7 @@ def read_partition(path: Path) -> dict[str, tuple[str, str]]:
         items = [(f"{path} line {line}", cells["image_id"].strip(), cells["partition"]) for line, cells in table]
     else:
         items = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        for n, line in enumerate(read_text(path, "partition file").splitlines(), start=1):
             parts = line.split()
             if not parts:
                 continue
@@ -124,10 +126,18 @@ def read_partition(path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class CelebAConfig:
+    """``--celeba_*`` flags."""
+
+    target_attribute: str = option(DEFAULT_TARGET, "the attribute that is the class y", metavar="ATTR")
+    spurious_attribute: str = option(DEFAULT_SPURIOUS, "the spurious attribute a", metavar="ATTR")
+
+
 def load_celeba(request: DatasetRequest) -> FileDataset:
     root = Path(request.root)
-    target = getattr(request.options, "celeba_target_attribute", None) or DEFAULT_TARGET
-    spurious = getattr(request.options, "celeba_spurious_attribute", None) or DEFAULT_SPURIOUS
+    config = reader_config(request, CelebAConfig)
+    target, spurious = config.target_attribute, config.spurious_attribute
     if target == spurious:
         raise DatasetError(f"robust/{NAME}: target and spurious attribute are both {target!r}")
     attr_path, partition_path = _find(root, ATTR_FILES), _find(root, PARTITION_FILES)
@@ -167,21 +177,8 @@ def register_datasets(register) -> None:
             description="CelebA from list_attr_celeba/list_eval_partition (.txt or .csv); "
             f"y = --celeba_target_attribute (default {DEFAULT_TARGET}), a = --celeba_spurious_attribute (default {DEFAULT_SPURIOUS})",
             citation=CITATION,
+            options=CelebAConfig,
+            option_prefix="celeba_",
         )
     )
 
-
-@hookimpl
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--celeba_target_attribute",
-        default=None,
-        metavar="ATTR",
-        help=f"robust/{NAME}: the attribute that is the class y (default: {DEFAULT_TARGET})",
-    )
-    parser.add_argument(
-        "--celeba_spurious_attribute",
-        default=None,
-        metavar="ATTR",
-        help=f"robust/{NAME}: the spurious attribute a (default: {DEFAULT_SPURIOUS})",
-    )

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import posixpath
 import re
+import sys
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +144,9 @@ class FileDataset(RobustDataset):
             raise DatasetError(f"robust/{self.name} has no split {split!r} (splits: {list(self.splits())})")
         return self._rows[split]
 
+    def file_rows(self, split: str) -> tuple[FileRow, ...]:
+        return self.rows(split)
+
     def samples(self, split: str, transform: Callable | None) -> torch.utils.data.Dataset:
         return FileSamples(self.rows(split), self.schema.field_names, transform)
 
@@ -161,6 +166,16 @@ class FileDataset(RobustDataset):
         for row, (size, mtime) in zip(self.rows(split), self.check_files(split)):
             h.update(json.dumps([row.key, str(row.path), row.values, size, mtime], default=str).encode())
         return h.hexdigest()[:16]
+
+    def sample_annotations(self, split: str) -> dict[str, Any] | None:
+        """From the parsed rows (in memory): file readers give no masks; a box is ``extra["box"]``."""
+        rows = self.rows(split)
+        keys: dict[str, int] = {name: len(rows) for name in self.schema.field_names}
+        for row in rows:
+            for name in row.extra:
+                keys[name] = keys.get(name, 0) + 1
+        boxed = sum(row.extra.get("box") is not None for row in rows)
+        return {"mask": False, "box": boxed == len(rows), "json_keys": dict(sorted(keys.items())), "samples": len(rows)}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -209,6 +224,8 @@ def _check_rows(rows: Sequence[FileRow], schema: GroupSchema, name: str, split: 
             )
     n_fields = len(schema.fields)
     for row in rows:
+        if not row.key:
+            raise DatasetError(f"{row.where}: empty sample key (an empty file name?)")
         if len(row.values) != n_fields:
             raise DatasetError(f"{row.where}: {len(row.values)} metadata values, expected {n_fields}")
         for f, v in zip(schema.fields, row.values):
@@ -283,25 +300,49 @@ def resolve_under(root: Path, path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def read_text(path: Path, what: str = "metadata file") -> str:
+    """A text file's content: UTF-8 (a BOM is dropped); a file that is not UTF-8 is read as
+    Windows-1252 (what spreadsheet programs on Windows write; Latin-1 for its few undefined
+    bytes), with a note on stderr naming it.  Line endings are left to the caller."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} {'is not a file' if path.exists() else 'not found'}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        try:
+            text, encoding = data.decode("cp1252"), "Windows-1252"
+        except UnicodeDecodeError:
+            text, encoding = data.decode("latin-1"), "Latin-1"
+        print(f"note: {path} is not UTF-8 (byte {exc.start}); read as {encoding}", file=sys.stderr)
+        return text
+
+
 def read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """A CSV file's header and ``(line number, row)`` pairs; missing file or columns are errors.
 
-    Extra columns (e.g. pandas' unnamed index column) are allowed and ignored.
+    Extra columns (e.g. pandas' unnamed index column) are allowed and ignored; a BOM, CRLF
+    line endings, blank lines, quoted cells with commas and non-UTF-8 text (:func:`read_text`)
+    are read as spreadsheet programs write them.  Header names are stripped of spaces.
     """
-    if not path.is_file():
-        raise DatasetError(f"{path}: metadata file not found")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {missing} (found: {header})")
-        reader.fieldnames = header
-        rows = []
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {missing} (found: {header})")
+    named = [c for c in header if c]  # unnamed columns (pandas' index, trailing commas) are ignored
+    if len(set(named)) != len(named):
+        dup = next(c for c in named if named.count(c) > 1)
+        raise DatasetError(f"{path}: column {dup!r} appears twice in the header")
+    reader.fieldnames = header
+    rows = []
+    try:
         for row in reader:
             if None in row:  # more cells than header columns
                 raise DatasetError(f"{path} line {reader.line_num}: more values than header columns")
             rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise DatasetError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
     return header, rows
 
 

@@ -1,6 +1,7 @@
 """The life cycle shared by procedurally generated datasets (spurious_shapes, spurious_quadrants).
 
-Such a dataset is a config dataclass (every field settable as ``--<prefix><field>``), a
+Such a dataset is a config dataclass of ``option`` fields (declared with
+``DatasetSpec(options=..., option_prefix=...)``, so each is a ``--<prefix><field>`` flag), a
 writer that turns a config into grouped shards, and this module's loader: generate into
 ``--dataset_root`` on first use, and afterwards open the shards only if ``groups.json``
 says they were made by the same generator, version and config, so a run never silently
@@ -24,19 +25,6 @@ from .wds import CLASSNAMES_FILE, TEMPLATES_FILE, GroupedShards
 
 #: the groups.json entry naming the generator, its version and its config
 GENERATOR_KEY = "generator"
-
-
-def config_from_flags(config_cls: type, prefix: str, options: Any, name: str) -> Any:
-    """``config_cls`` from parsed flags ``--<prefix><field>``; missing flags take the defaults.
-
-    Invalid values (the config's own checks) become a :class:`DatasetError` naming the dataset.
-    """
-    from ..argtypes import config_from_options
-
-    try:
-        return config_from_options(config_cls, prefix, options)
-    except ValueError as exc:
-        raise DatasetError(f"{name}: {exc}") from None
 
 
 def config_json(config: Any) -> dict[str, Any]:

@@ -25,19 +25,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
+from ..readers import FileDataset, FileRow, key_from_path, reader_config
 from ..records import DatasetRequest, DatasetSpec
 from .base import DatasetError
-from .files import FileDataset, FileRow, key_from_path
 
 NAME = "imagefolder"
 TEMPLATES = ("a photo of a {c}.",)
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SPLIT_ALIASES = {"valid": "val", "validation": "val"}
 CITATION = "layout of SpuCo (Joshi et al., Towards Mitigating Spurious Correlations in the Wild, 2023)"
+
+
+@dataclass(frozen=True)
+class ImageFolderConfig:
+    """``--imagefolder_*`` flags."""
+
+    extensions: tuple[str, ...] = option(DEFAULT_EXTENSIONS, "image file extensions to read, case-insensitive",
+                                         metavar="EXT")
 
 
 def _entries(path: Path) -> list[os.DirEntry]:
@@ -90,7 +100,7 @@ def _stray(entry: os.DirEntry, extensions: Sequence[str], layout: str) -> None:
 
 def load_imagefolder(request: DatasetRequest) -> FileDataset:
     root = Path(request.root)
-    extensions = tuple(e.lower().lstrip(".") for e in (getattr(request.options, "imagefolder_extensions", None) or DEFAULT_EXTENSIONS))
+    extensions = tuple(e.lower().lstrip(".") for e in reader_config(request, ImageFolderConfig).extensions)
     tree = scan(root, extensions)
     class_values = sorted({c for classes in tree.values() for c in classes})
     attr_values = sorted({a for classes in tree.values() for attrs in classes.values() for a in attrs})
@@ -133,13 +143,8 @@ def register_datasets(register) -> None:
             load=load_imagefolder,
             description="split/class/attribute/image folders (SpuCoAnimals layout); names sorted, groups y x a",
             citation=CITATION,
+            options=ImageFolderConfig,
+            option_prefix="imagefolder_",
         )
     )
 
-
-@hookimpl
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--imagefolder_extensions", nargs="+", default=None, metavar="EXT",
-        help=f"robust/{NAME}: image file extensions to read, case-insensitive (default: {' '.join(DEFAULT_EXTENSIONS)})",
-    )

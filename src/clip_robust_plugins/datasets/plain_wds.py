@@ -62,6 +62,10 @@ class ClassOnlyShards(GroupedShards):
         self._shards: dict[str, list] = {}  # the parent's per-split memos (used for remote roots only)
         self._fingerprints: dict[str, str] = {}
 
+    def sample_annotations(self, split: str) -> dict[str, Any] | None:
+        """clip_benchmark's shards carry an image and a class label, nothing else."""
+        return {"mask": False, "box": False}
+
     def fingerprint(self, split: str) -> str:
         h = hashlib.sha256()
         h.update((self.root / CLASSNAMES_FILE).read_bytes())

@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..argtypes import add_config_flags, option
+from ..argtypes import option
 from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import CheckpointSpec, DatasetRequest, DatasetSpec
-from .base import RobustDataset
-from .generated import config_from_flags, config_json, generator_metadata, open_generated, progress_bars
+from .base import DatasetError, RobustDataset
+from .generated import config_json, generator_metadata, open_generated, progress_bars
 from .spurious_shapes import CLASSNAMES, TEMPLATES, mask_box, render_sample
 
 NAME = "spurious_quadrants"
@@ -85,16 +85,16 @@ class QuadrantsConfig:
 
     def __post_init__(self) -> None:
         if self.train_size < 2:
-            raise ValueError(f"--quadrants_train_size must be at least 2, got {self.train_size}")
+            raise DatasetError(f"--quadrants_train_size must be at least 2, got {self.train_size}")
         for flag, size in (("--quadrants_val_size", self.val_size), ("--quadrants_test_size", self.test_size)):
             if size < 4:
-                raise ValueError(f"{flag} must be at least 4 (one sample per group), got {size}")
+                raise DatasetError(f"{flag} must be at least 4 (one sample per group), got {size}")
         if not 0.0 <= self.correlation <= 1.0:
-            raise ValueError(f"--quadrants_correlation must be in [0, 1], got {self.correlation}")
+            raise DatasetError(f"--quadrants_correlation must be in [0, 1], got {self.correlation}")
         if self.image_size < 16 or self.image_size % 2:
-            raise ValueError(f"--quadrants_image_size must be an even number >= 16, got {self.image_size}")
+            raise DatasetError(f"--quadrants_image_size must be an even number >= 16, got {self.image_size}")
         if self.seed < 0:
-            raise ValueError(f"--quadrants_seed must be non-negative, got {self.seed}")
+            raise DatasetError(f"--quadrants_seed must be non-negative, got {self.seed}")
 
     def group_counts(self, split: str) -> np.ndarray:
         """Samples per group ``g = y * 2 + a`` for ``split``."""
@@ -113,10 +113,6 @@ class QuadrantsConfig:
     def to_json(self) -> dict[str, Any]:
         return config_json(self)
 
-
-def config_from_options(options: Any) -> QuadrantsConfig:
-    """A :class:`QuadrantsConfig` from parsed ``--quadrants_*`` flags; missing flags take the defaults."""
-    return config_from_flags(QuadrantsConfig, "quadrants_", options, NAME)
 
 
 def quadrant_boxes(size: int) -> list[list[int]]:
@@ -194,7 +190,7 @@ def generate(root: str | os.PathLike, config: QuadrantsConfig, progress: bool = 
 def load_spurious_quadrants(request: DatasetRequest) -> RobustDataset:
     """Open (generating on first use) the shards for the requested config at ``request.root``."""
     return open_generated(
-        request, name=NAME, version=GENERATOR_VERSION, config=config_from_options(request.options),
+        request, name=NAME, version=GENERATOR_VERSION, config=request.config or QuadrantsConfig(),
         flag_prefix="quadrants_", splits=SPLITS, generate=lambda root, config: generate(root, config, progress=True),
     )
 
@@ -210,6 +206,8 @@ def register_datasets(register) -> None:
                     "val/test; quadrant boxes and region labels in each sample's json",
         citation="Varma et al., RaVL: Discovering and Mitigating Spurious Correlations in Fine-Tuned "
                  "Vision-Language Models, NeurIPS 2024",
+        options=QuadrantsConfig,
+        option_prefix="quadrants_",
     ))
 
 
@@ -224,7 +222,3 @@ def register_checkpoints(register) -> None:
                     "image-caption pairs; it has learned 'cyan patch => diamond'",
     ))
 
-
-@hookimpl
-def add_arguments(parser) -> None:
-    add_config_flags(parser, QuadrantsConfig, "quadrants_", topic=f"robust/{NAME}")

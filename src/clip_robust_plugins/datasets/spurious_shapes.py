@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..argtypes import add_config_flags, option
+from ..argtypes import option
 from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
 from ..records import DatasetRequest, DatasetSpec
-from .base import RobustDataset
-from .generated import config_from_flags, config_json, generator_metadata, open_generated, progress_bars
+from .base import DatasetError, RobustDataset
+from .generated import config_json, generator_metadata, open_generated, progress_bars
 
 NAME = "spurious_shapes"
 CLASSNAMES = ("square", "diamond")
@@ -103,18 +103,18 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         n_groups = len(self.classnames) * len(self.backgrounds)
         if len(self.classnames) != 2 or len(self.backgrounds) != 2:
-            raise ValueError("spurious_shapes has exactly two classes and two backgrounds")
+            raise DatasetError("spurious_shapes has exactly two classes and two backgrounds")
         if self.train_size < len(self.classnames):
-            raise ValueError(f"--shapes_train_size must be at least {len(self.classnames)}, got {self.train_size}")
+            raise DatasetError(f"--shapes_train_size must be at least {len(self.classnames)}, got {self.train_size}")
         for flag, size in (("--shapes_val_size", self.val_size), ("--shapes_test_size", self.test_size)):
             if size < n_groups:
-                raise ValueError(f"{flag} must be at least {n_groups} (one sample per group), got {size}")
+                raise DatasetError(f"{flag} must be at least {n_groups} (one sample per group), got {size}")
         if not 0.0 <= self.correlation <= 1.0:
-            raise ValueError(f"--shapes_correlation must be in [0, 1], got {self.correlation}")
+            raise DatasetError(f"--shapes_correlation must be in [0, 1], got {self.correlation}")
         if self.image_size < 8:
-            raise ValueError(f"--shapes_image_size must be at least 8, got {self.image_size}")
+            raise DatasetError(f"--shapes_image_size must be at least 8, got {self.image_size}")
         if self.seed < 0:
-            raise ValueError(f"--shapes_seed must be non-negative, got {self.seed}")
+            raise DatasetError(f"--shapes_seed must be non-negative, got {self.seed}")
 
     @property
     def n_groups(self) -> int:
@@ -137,10 +137,6 @@ class ShapesConfig:
         """The config as it reads back from ``groups.json`` (tuples become lists)."""
         return config_json(self)
 
-
-def config_from_options(options: Any) -> ShapesConfig:
-    """A :class:`ShapesConfig` from parsed ``--shapes_*`` flags; missing flags take the defaults."""
-    return config_from_flags(ShapesConfig, "shapes_", options, NAME)
 
 
 # ------------------------------------------------------------------ rendering
@@ -230,7 +226,7 @@ def generate(root: str | os.PathLike, config: ShapesConfig, progress: bool = Tru
 def load_spurious_shapes(request: DatasetRequest) -> RobustDataset:
     """Open (generating on first use) the shards for the requested config at ``request.root``."""
     return open_generated(
-        request, name=NAME, version=GENERATOR_VERSION, config=config_from_options(request.options),
+        request, name=NAME, version=GENERATOR_VERSION, config=request.config or ShapesConfig(),
         flag_prefix="shapes_", splits=SPLITS, generate=lambda root, config: generate(root, config, progress=True),
     )
 
@@ -248,10 +244,8 @@ def register_datasets(register) -> None:
                 "generated into --dataset_root on first use"
             ),
             citation="",
+            options=ShapesConfig,
+            option_prefix="shapes_",
         )
     )
 
-
-@hookimpl
-def add_arguments(parser) -> None:
-    add_config_flags(parser, ShapesConfig, "shapes_", topic=f"robust/{NAME}")

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
+from ..readers import FileDataset, FileRow, key_from_path, parse_int, read_csv, reader_config, resolve_under, split_name
 from ..records import DatasetRequest, DatasetSpec
 from .base import DatasetError
-from .files import FileDataset, FileRow, key_from_path, parse_int, read_csv, resolve_under, split_name
 
 NAME = "subpop"
 DEFAULT_METADATA = "metadata.csv"
@@ -37,6 +39,20 @@ REQUIRED_COLUMNS = ("filename", "y", "a", "split")
 TEMPLATES = ("a photo of a {c}.",)
 SIDECAR_SUFFIX = ".names.json"
 CITATION = "Yang et al., Change is Hard: A Closer Look at Subpopulation Shift, ICML 2023 (SubpopBench)"
+
+
+@dataclass(frozen=True)
+class SubpopConfig:
+    """``--subpop_*`` flags."""
+
+    metadata: str = option(DEFAULT_METADATA, "the filename,y,a,split table, relative to --dataset_root unless absolute",
+                           metavar="FILE")
+    classnames: tuple[str, ...] = option((), "class names in label order (y = 0, 1, ...); also the zero-shot prompts "
+                                         "(default: from the names file)", metavar="NAME")
+    attributes: tuple[str, ...] = option((), "spurious-attribute names in code order (a = 0, 1, ...; default: from "
+                                         "the names file, else a0, a1, ...)", metavar="NAME")
+    names: str | None = option(None, f"JSON with classnames/attributes/templates (default: <metadata stem>"
+                               f"{SIDECAR_SUFFIX} beside the table, when present)", type=str, metavar="FILE")
 
 
 def sidecar_path(metadata: Path) -> Path:
@@ -62,19 +78,19 @@ def _read_sidecar(path: Path, explicit: bool) -> dict:
 
 
 def load_subpop(request: DatasetRequest) -> FileDataset:
-    options = request.options
+    config = reader_config(request, SubpopConfig)
     root = Path(request.root)
-    metadata = resolve_under(root, getattr(options, "subpop_metadata", None) or DEFAULT_METADATA)
-    names_flag = getattr(options, "subpop_names", None)
+    metadata = resolve_under(root, config.metadata)
+    names_flag = config.names
     names_path = resolve_under(root, names_flag) if names_flag else sidecar_path(metadata)
     sidecar = _read_sidecar(names_path, explicit=bool(names_flag))
-    classnames = list(getattr(options, "subpop_classnames", None) or sidecar.get("classnames") or [])
+    classnames = list(config.classnames or sidecar.get("classnames") or [])
     if not classnames:
         raise DatasetError(
             f"robust/{NAME}: no class names for {metadata}; pass --subpop_classnames NAME ... or write "
             f'{names_path} ({{"classnames": [...], "attributes": [...]}})'
         )
-    attributes = list(getattr(options, "subpop_attributes", None) or sidecar.get("attributes") or [])
+    attributes = list(config.attributes or sidecar.get("attributes") or [])
     templates = list(sidecar.get("templates") or TEMPLATES)
 
     _, table = read_csv(metadata, REQUIRED_COLUMNS)
@@ -114,31 +130,8 @@ def register_datasets(register) -> None:
             load=load_subpop,
             description="SubpopBench-style metadata.csv (filename,y,a,split): MetaShift, CheXpert, ImageNetBG, NICO++, ...",
             citation=CITATION,
+            options=SubpopConfig,
+            option_prefix="subpop_",
         )
     )
 
-
-@hookimpl
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--subpop_metadata",
-        default=None,
-        metavar="FILE",
-        help=f"robust/{NAME}: the filename,y,a,split table, relative to --dataset_root unless absolute "
-        f"(default: {DEFAULT_METADATA})",
-    )
-    parser.add_argument(
-        "--subpop_classnames", nargs="+", default=None, metavar="NAME",
-        help=f"robust/{NAME}: class names in label order (y = 0, 1, ...); also the zero-shot prompts",
-    )
-    parser.add_argument(
-        "--subpop_attributes", nargs="+", default=None, metavar="NAME",
-        help=f"robust/{NAME}: spurious-attribute names in code order (a = 0, 1, ...; default a0, a1, ...)",
-    )
-    parser.add_argument(
-        "--subpop_names",
-        default=None,
-        metavar="FILE",
-        help=f"robust/{NAME}: JSON with classnames/attributes/templates (default: <metadata stem>{SIDECAR_SUFFIX} "
-        "beside the table, when present)",
-    )

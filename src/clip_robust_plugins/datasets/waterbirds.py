@@ -18,13 +18,24 @@ Vision-Language Models via Biased Prompts" (2023; github.com/chingyaoc/debias_vl
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
+from ..readers import (
+    SPLIT_CODES,
+    FileDataset,
+    FileRow,
+    key_from_path,
+    parse_int,
+    read_csv,
+    reader_config,
+    resolve_under,
+)
 from ..records import DatasetRequest, DatasetSpec
 from .base import DatasetError
-from .files import SPLIT_CODES, FileDataset, FileRow, key_from_path, parse_int, read_csv, resolve_under
 
 NAME = "waterbirds"
 CLASS_VALUES = ("landbird", "waterbird")
@@ -39,9 +50,17 @@ CITATION = (
 )
 
 
+@dataclass(frozen=True)
+class WaterbirdsConfig:
+    """``--waterbirds_*`` flags."""
+
+    metadata: str = option(DEFAULT_METADATA, "the metadata CSV, relative to --dataset_root unless absolute",
+                           metavar="FILE")
+
+
 def load_waterbirds(request: DatasetRequest) -> FileDataset:
     root = Path(request.root)
-    metadata = resolve_under(root, getattr(request.options, "waterbirds_metadata", None) or DEFAULT_METADATA)
+    metadata = resolve_under(root, reader_config(request, WaterbirdsConfig).metadata)
     header, table = read_csv(metadata, REQUIRED_COLUMNS)
     rows: dict[str, list[FileRow]] = {split: [] for split in SPLIT_CODES.values()}
     for line, cells in table:
@@ -74,15 +93,8 @@ def register_datasets(register) -> None:
             load=load_waterbirds,
             description="Waterbirds from group_DRO's metadata.csv (y: landbird/waterbird, a: land/water place)",
             citation=CITATION,
+            options=WaterbirdsConfig,
+            option_prefix="waterbirds_",
         )
     )
 
-
-@hookimpl
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--waterbirds_metadata",
-        default=None,
-        metavar="FILE",
-        help=f"robust/{NAME}: the metadata CSV, relative to --dataset_root unless absolute (default: {DEFAULT_METADATA})",
-    )

@@ -221,13 +221,27 @@ class GroupedShards(RobustDataset):
 
     def sample_annotations(self, split: str) -> dict[str, Any] | None:
         """What every sample of ``split`` carries, from ``groups.json`` (written with the shards):
-        ``{"mask": bool, "box": bool, "json_keys": {key: count}, "samples": n}``; None for shards
-        written without that record (then a reader of annotations has to look at samples)."""
+        ``{"mask": bool, "box": bool, "json_keys": {key: count}, "samples": n}``; for local shards
+        written without that record, the same read from the tar headers and json entries (once);
+        None for remote ones without it (unknown)."""
         record = (self.metadata.get(ANNOTATIONS_KEY) or {}).get(split)
         if not isinstance(record, dict) or "samples" not in record:
-            return None
+            return self._scanned_annotations(split)
         n, keys = record["samples"], record.get("json_keys", {})
         return {"mask": record.get("masks") == n, "box": keys.get("box") == n, "json_keys": keys, "samples": n}
+
+    def _scanned_annotations(self, split: str) -> dict[str, Any] | None:
+        if self.source.remote:
+            return None
+        memo = self.__dict__.setdefault("_scanned", {})
+        if split not in memo:
+            shards = self.shard_paths(split)
+            if not all(isinstance(p, Path) for p in shards):
+                return None
+            from .shard_annotations import scan_shards
+
+            memo[split] = scan_shards(shards)
+        return memo[split]
 
     def describe(self) -> dict[str, Any]:
         out = {"type": "grouped_shards", "root": str(self.root), "generator": self.metadata.get("generator")}

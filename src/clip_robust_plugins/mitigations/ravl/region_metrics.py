@@ -66,8 +66,7 @@ def has_object_regions(ctx, split: str) -> bool:
     without that record, from its first sample (one decode); a remote one without it: no."""
     seen = _SUPPORTED.setdefault(ctx, {})
     if split not in seen:
-        declared = getattr(ctx.dataset, "sample_annotations", None)
-        record = declared(split) if callable(declared) else None
+        record = ctx.dataset.sample_annotations(split)
         if record is not None and "json_keys" in record:
             keys, n = record["json_keys"], record.get("samples")
             seen[split] = keys.get(KIND_NAME) == n or (keys.get("regions") == n and keys.get("object_quadrant") == n)

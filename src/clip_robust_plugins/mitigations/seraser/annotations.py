@@ -2,27 +2,17 @@
 decoding an image, so ``--seraser_views auto`` can pick its provider and ``masks``/``boxes``
 can be refused in ``check`` before the model is built or any feature extracted.
 
-What each dataset type tells cheaply:
-
-- a dataset with a ``sample_annotations(split)`` method (``{"mask": bool | None, "box": bool | None}``)
-  is asked first (the hook a third-party reader can implement; grouped shards answer from the
-  ``annotations`` record that ``groups.json`` has when our writer wrote them; None: unknown);
-- file datasets (Waterbirds, CelebA, SubpopBench, image folders): their readers never give
-  masks; a box is in the parsed metadata rows (``FileRow.extra["box"]``), already in memory;
-- local grouped shards: the tar headers list each sample's entries (``<key>.mask.png``),
-  read without the image data; boxes need each sample's small json entry, read only when
-  asked; clip_benchmark's class-only shards carry neither;
-- anything else (remote shards, unknown readers): unknown (None).  ``auto`` then takes the
-  no-segmenter views; an explicit ``masks``/``boxes`` runs and fails per sample if one lacks it.
+Every dataset answers ``sample_annotations(split)`` (part of the dataset base class; a
+third-party reader overrides it): file readers from their parsed rows (no masks; a box is
+``FileRow.extra["box"]``), grouped shards from the ``annotations`` record of ``groups.json``
+or, for local shards without it, from the tar headers; clip_benchmark's class-only shards
+carry neither; None (remote shards, readers that do not say): unknown.  ``auto`` then takes
+the no-segmenter views; an explicit ``masks``/``boxes`` runs and fails per sample if one lacks it.
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import AUTO, AUTO_FALLBACK
@@ -41,57 +31,10 @@ class Resolved:
 
 
 def split_annotations(dataset: Any, split: str, wanted: tuple[str, ...] = ("mask", "box")) -> dict[str, bool | None]:
-    """``{annotation: True (every sample has it) | False (some sample lacks it) | None (unknown)}``."""
-    declared = getattr(dataset, "sample_annotations", None)
-    got = declared(split) if callable(declared) else None
-    if got is not None:
-        return {a: got.get(a) for a in wanted}
-    from ...datasets.files import FileDataset
-    from ...datasets.plain_wds import ClassOnlyShards
-    from ...datasets.wds import GroupedShards
-
-    if isinstance(dataset, FileDataset):
-        rows = dataset.rows(split)
-        return {a: (False if a == "mask" else all("box" in r.extra for r in rows)) for a in wanted}
-    if isinstance(dataset, ClassOnlyShards):
-        return {a: False for a in wanted}
-    if isinstance(dataset, GroupedShards) and not dataset.source.remote:
-        shards = dataset.shard_paths(split)
-        if all(isinstance(p, Path) for p in shards):
-            return _scan_shards(shards, wanted)
-    return {a: None for a in wanted}
-
-
-def _scan_shards(shards: list[Path], wanted: tuple[str, ...]) -> dict[str, bool | None]:
-    """Every sample's entries from the tar headers (data skipped); json entries read only for boxes."""
-    has = {a: True for a in wanted}
-    for path in shards:
-        entries: dict[str, set[str]] = {}
-        boxed: set[str] = set()
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, base = posixpath.split(member.name)
-                stem, _, ext = base.partition(".")
-                key = posixpath.join(folder, stem)
-                entries.setdefault(key, set()).add(ext)
-                if "box" in wanted and ext == "json" and has["box"]:
-                    handle = tar.extractfile(member)
-                    try:
-                        meta = json.loads(handle.read()) if handle is not None else {}
-                    except ValueError:
-                        meta = {}  # the reader reports a bad json by name; here it just has no box
-                    if isinstance(meta, dict) and meta.get("box") is not None:
-                        boxed.add(key)
-        for key in entries:
-            if "mask" in wanted and "mask.png" not in entries[key]:
-                has["mask"] = False
-            if "box" in wanted and key not in boxed:
-                has["box"] = False
-        if not any(has.values()):
-            break
-    return has
+    """``{annotation: True (every sample has it) | False (some sample lacks it) | None (unknown)}``,
+    from the dataset's ``sample_annotations`` (part of every dataset; None there: all unknown)."""
+    got = dataset.sample_annotations(split) or {}
+    return {a: got.get(a) for a in wanted}
 
 
 def resolve_views(requested: str, dataset: Any, dataset_name: str, split: str) -> Resolved:
