@@ -252,6 +252,8 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
     plan = _plan(ctx, mitigations, specs, saved, eval_split)
     extractor.dist = dist
     for split, kinds in plan.items():
+        if not kinds:  # nothing to extract (a method that reads images itself): no collective either
+            continue
         if dist is None or dist.is_main:
             ctx.prefetch(split, kinds)
         else:
@@ -259,7 +261,10 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
     if dist is not None:
         # Rank 0 holds every planned feature; anything a method asks for later it extracts alone.
         extractor.dist = None
-        if not dist.is_main:
+        if not dist.is_main:  # data-parallel fits (fine-tuning) need every rank; rank 0 reports
+            for spec in specs:
+                if getattr(mitigations[spec.name], "data_parallel", False) and spec.name not in saved:
+                    mitigations[spec.name].fit(ctx)
             return None
 
     eval_fs = ctx.features(eval_split)
