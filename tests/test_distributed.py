@@ -147,3 +147,45 @@ def test_torchrun_two_processes_equal_one_process(multi_shard_root, tmp_path):
     assert outputs["torchrun_csv"] == outputs["single_csv"]
     # exactly one results file: the worker rank wrote nothing
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["single.json", "torchrun.json"]
+
+
+def _visual_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.slow
+def test_torchrun_fine_tuning_equals_one_process_with_the_same_global_batch(shapes_root, tmp_path):
+    """``clip_ft`` under ``torchrun --nproc_per_node 2`` (gloo): each rank encodes half of every global batch,
+    gradients are averaged; the fine-tuned tower equals one process's to float tolerance, predictions exactly.
+    A single process with another batch size is the control that the comparison can fail."""
+    flags = [
+        "eval", "--dataset", "robust/spurious_shapes", "--dataset_root", str(shapes_root),
+        "--shapes_train_size", "64", "--shapes_val_size", "32", "--shapes_test_size", "32",
+        "--model", "crp-tiny", "--pretrained", "spurious_shapes", "--no_amp", "--num_workers", "0", "--quiet",
+        "--mitigation", "clip_ft", "--ravl_lr", "1e-4", "--save_mitigation_state", "--save_predictions",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    runs = {"single": ([], "16"), "torchrun": (torchrun, "16"), "control": ([], "8")}
+    for name, (launcher, batch) in runs.items():
+        cmd = [*launcher, _console_script(), *flags, "--ravl_batch_size", batch, "--output", str(tmp_path / f"{name}.json"),
+               "--feature_cache", str(tmp_path / f"features_{name}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two, control = (_visual_state(tmp_path / f"{n}_state_clip_ft.safetensors") for n in runs)
+    assert set(one) == set(two)
+    diff = torch.cat([(one[k] - two[k]).abs().reshape(-1) for k in one])
+    off = torch.cat([(one[k] - control[k]).abs().reshape(-1) for k in one])
+    # AdamW divides by sqrt(v): parameters with gradients near zero amplify summation-order noise, so a
+    # handful may differ by a few 1e-5; a different global batch moves most of them
+    assert float(diff.max()) < 2e-4 and float((diff > 1e-6).float().mean()) < 0.01
+    assert float((off > 1e-6).float().mean()) > 0.5
+    results = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("single", "torchrun")}
+    hp = results["torchrun"]["robust"]["methods"]["clip_ft"]["hyperparameters"]
+    assert hp["processes"] == 2 and hp["train_images_seen"] == 64
+    assert results["torchrun"]["metrics"] == results["single"]["metrics"]
+    assert (tmp_path / "torchrun_predictions.csv").read_text() == (tmp_path / "single_predictions.csv").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["control.json", "single.json", "torchrun.json"]

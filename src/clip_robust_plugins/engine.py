@@ -266,6 +266,8 @@ def extract(run: RunPlan, checked: Checked) -> bool:
     passes = feature_plan(run, checked)
     extractor.dist = dist
     for split, kinds in passes.items():
+        if not kinds:  # nothing to extract (a method that reads images itself): no collective either
+            continue
         with stage(dataset_label(run.args, run.registry), f"extract (split {split!r})"):
             if dist is None or dist.is_main:
                 ctx.prefetch(split, kinds)
@@ -274,6 +276,12 @@ def extract(run: RunPlan, checked: Checked) -> bool:
     if dist is not None:
         # Rank 0 holds every planned feature; anything a method asks for later it extracts alone.
         extractor.dist = None
+        if not dist.is_main:  # data-parallel fits (fine-tuning) need every rank; rank 0 reports
+            for seed, methods in checked.methods.items():
+                use_seed(run, ctx, seed)
+                for spec in run.specs:
+                    if getattr(methods[spec.name], "data_parallel", False) and spec.name not in run.saved:
+                        fit(run, ctx, spec, methods[spec.name])
         return dist.is_main
     return True
 

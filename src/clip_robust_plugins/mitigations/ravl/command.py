@@ -35,6 +35,9 @@ def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None
     parser.add_argument("--output", default="ravl_discovery.json",
                         help="report JSON path; the PNG sheet goes beside it with the extension .png")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the discovery baselines (random, George, Domino, Distilling Failures) on the "
+                             "same regions: precision@10 of each in the JSON, a table and <output>_compare.png")
     add_data_flags(parser)
     add_plugin_flags(parser, command_ctx.plugin_manager)
     add_spec_flags(parser, command_ctx.registry)
@@ -48,9 +51,9 @@ def run_discover_command(args: argparse.Namespace, command_ctx) -> int:
     return 0
 
 
-def sheet_path(report_path: str) -> str:
+def sheet_path(report_path: str, suffix: str = "") -> str:
     base = report_path[: -len(".json")] if report_path.endswith(".json") else report_path
-    return base + ".png"
+    return base + suffix + ".png"
 
 
 def context_from_args(args: argparse.Namespace, registry) -> RunContext:
@@ -85,6 +88,14 @@ def run_discover(args: argparse.Namespace, registry) -> dict[str, Any]:
             raise
         raise engine.EvalError(f"discover: {exc}") from None
     t_discovery = time.perf_counter()
+    compare = None
+    if getattr(args, "compare", False):
+        from .compare import compare_entry
+
+        try:
+            compare = compare_entry(run)
+        except ValueError as exc:
+            raise engine.EvalError(f"discover --compare: {exc}") from None
     report = build_report(run, {"dataset": args.dataset, "model": args.model, "pretrained": args.pretrained,
                                 "model_type": args.model_type})
     needed = {run.keys[i] for _, items in sheet_rows(run) for i, _, _ in items}
@@ -93,9 +104,17 @@ def run_discover(args: argparse.Namespace, registry) -> dict[str, Any]:
     report["seconds"]["discovery_total"] = round(t_discovery - t_setup, 3)
     report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     png = sheet_path(args.output)
-    write_files([
-        (args.output, lambda tmp: write_json(report, tmp)),
-        (png, lambda tmp: write_sheet(tmp, run, samples)),
-    ])
+    targets = [(args.output, lambda tmp: write_json(report, tmp)), (png, lambda tmp: write_sheet(tmp, run, samples))]
+    if compare is not None:
+        from .compare import format_table, write_figure
+
+        report["compare"] = compare
+        figure = sheet_path(args.output, "_compare")
+        title = f"{args.dataset} [{args.split}], {args.model}/{args.pretrained}, seed {run.seed}"
+        targets.append((figure, lambda tmp: write_figure(compare, tmp, title)))
+    write_files(targets)
     print(format_summary(report, args.output, png))
+    if compare is not None:
+        print(format_table(compare))
+        print(f"wrote {figure}")
     return report

@@ -22,6 +22,7 @@ from ...datasets.base import DatasetError
 from ...features import FeatureCache, FeatureExtractor
 from ...states import StateError
 from ..base import Mitigation, RunContext
+from . import data_parallel
 from .configs import BASELINE, CITATION, NAME, DiscoveryConfig, FineTuneConfig
 from .loader import apply_state, load_init_model, split_state
 from .losses import clip_loss, label_to_region_loss, parse_caption_labels, region_to_label_loss, relevant_regions
@@ -40,6 +41,9 @@ def _looks_like_file(name: str) -> bool:
 
 class RegionAwareFineTune(Mitigation):
     """``ravl`` (region-aware) and ``clip_ft`` (the CLIP loss alone), differing only in the loss."""
+
+    #: under torchrun every rank takes part in the fit (rank 0 reports): see data_parallel.py
+    data_parallel = True
 
     def __init__(self, method: str, config: FineTuneConfig, discovery: DiscoveryConfig | None = None,
                  options: argparse.Namespace | None = None, model_type: str = "open_clip"):
@@ -103,14 +107,19 @@ class RegionAwareFineTune(Mitigation):
         cfg = self.config
         t0 = time.perf_counter()
         proposer = None
+        dp = data_parallel.current()
         if self.region_aware:
             proposer_name, proposer = make_proposer(self.options, ctx.registry)
-            if cfg.spurious_regions == "oracle":
+            if dp is not None and not dp.is_main:  # rank 0 finds the spurious train regions, once
+                self.train_spurious = dp.broadcast_object(None)
+            elif cfg.spurious_regions == "oracle":
                 self.train_spurious = oracle_train_regions(ctx, proposer, self.truth_key)
             else:
                 self.discovery = discover(ctx, cfg.discovery_split, proposer_name, proposer, self.discovery_config,
                                           truth_key=self.truth_key)
                 self.train_spurious = self._spurious_train_regions(ctx, proposer)
+            if dp is not None and dp.is_main:
+                dp.broadcast_object(self.train_spurious)
         t_discovery = time.perf_counter()
 
         start = ctx.model if cfg.init is None else load_init_model(ctx, cfg.init)
@@ -144,6 +153,7 @@ class RegionAwareFineTune(Mitigation):
             "loss": ("(1 - w) L_CLIP + w (L_R + L_A)" if self.region_aware else "L_CLIP"),
             "losses_per_epoch": history,
             "train_images_seen": n_images,
+            "processes": dp.world_size if dp is not None else 1,
             "seconds": {"discovery": round(t_discovery - t0, 3), "training": round(t_end - t_discovery, 3)},
         }
         if self.region_aware:
@@ -162,8 +172,11 @@ class RegionAwareFineTune(Mitigation):
         captions, caption_emb = caption_table(ctx, model)
         offsets = np.cumsum([0] + [len(c) for c in captions])
         flat_captions = [c for per_class in captions for c in per_class]
-        opt = torch.optim.AdamW([p for p in model.visual.parameters() if p.requires_grad], lr=cfg.lr,
-                                weight_decay=cfg.weight_decay)
+        params = [p for p in model.visual.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        dp = data_parallel.current()
+        if dp is not None:
+            dp.broadcast_parameters(model.visual.parameters())
         gen = ctx.rng(f"{self.method}/train")
         use_amp = ctx.amp and torch.device(ctx.device).type == "cuda"
         history = []
@@ -177,19 +190,12 @@ class RegionAwareFineTune(Mitigation):
             with bar:
                 for batch in batched(shuffled(stream, cfg.shuffle_buffer, gen), cfg.batch_size):
                     keys = [item[0] for item in batch]
-                    views = torch.stack([item[1]["views"] for item in batch]).to(ctx.device)
                     y_true = np.array([int(item[2][ctx.schema.class_index]) for item in batch])
                     # one caption per image: a template drawn at random, filled with the class name
                     picks = [offsets[c] + int(gen.integers(len(captions[c]))) for c in y_true]
                     batch_captions = [flat_captions[j] for j in picks]
                     labels = torch.tensor(parse_caption_labels(batch_captions, ctx.classnames), device=ctx.device)
-                    with torch.autocast(torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=use_amp):
-                        if mode == "tokens" and self.region_aware:
-                            weights = torch.stack([item[1]["weights"] for item in batch]).to(ctx.device)
-                            image_emb, region_emb = encode_with_token_regions(model, views[:, 0], weights)
-                        else:  # every view through the tower: the image, then its region views
-                            emb = model.encode_image(views.flatten(0, 1)).unflatten(0, views.shape[:2])
-                            image_emb, region_emb = emb[:, 0], emb[:, 1:]
+                    image_emb, region_emb = self._encode(ctx, model, batch, mode, dp, use_amp)
                     image_emb = F.normalize(image_emb.float(), dim=-1)
                     l_clip = clip_loss(image_emb, caption_emb[picks], labels, cfg.temperature)
                     loss = l_clip
@@ -203,6 +209,8 @@ class RegionAwareFineTune(Mitigation):
                         sums["label_to_region"] += l_a.item()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if dp is not None:
+                        dp.average_gradients(params)
                     opt.step()
                     sums["loss"] += loss.item()
                     sums["clip"] += l_clip.item()
@@ -212,6 +220,31 @@ class RegionAwareFineTune(Mitigation):
             steps = max(sums.pop("steps"), 1)
             history.append({k: round(v / steps, 5) for k, v in sums.items()})
         return history, n_images
+
+    def _encode(self, ctx: RunContext, model: torch.nn.Module, batch: list, mode: str,
+                dp: data_parallel.DataParallel | None, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and region embeddings of a batch; under torchrun this rank encodes its slice and the
+        global batch is gathered (differentiably)."""
+        mine = batch if dp is None else dp.local(batch)
+        if mine:
+            views = torch.stack([item[1]["views"] for item in mine]).to(ctx.device)
+            with torch.autocast(torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=use_amp):
+                if mode == "tokens" and self.region_aware:
+                    weights = torch.stack([item[1]["weights"] for item in mine]).to(ctx.device)
+                    image_emb, region_emb = encode_with_token_regions(model, views[:, 0], weights)
+                else:  # every view through the tower: the image, then its region views
+                    emb = model.encode_image(views.flatten(0, 1)).unflatten(0, views.shape[:2])
+                    image_emb, region_emb = emb[:, 0], emb[:, 1:]
+        else:  # a last batch smaller than the number of ranks: this rank has nothing to encode
+            width = ctx.zeroshot_head().shape[0]
+            n_regions = len(batch[0][1]["valid"]) if self.region_aware else 0
+            image_emb = torch.zeros(0, width, device=ctx.device)
+            region_emb = torch.zeros(0, n_regions, width, device=ctx.device)
+        if dp is not None:
+            image_emb = dp.gather(image_emb.float(), len(batch))
+            if self.region_aware:
+                region_emb = dp.gather(region_emb.float(), len(batch))
+        return image_emb, region_emb
 
     def region_terms(self, region_emb: torch.Tensor, valid: torch.Tensor, spurious: torch.Tensor,
                      labels: torch.Tensor, label_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
