@@ -19,6 +19,13 @@ from .records import CheckpointSpec, ModelLoaderSpec
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = "crp-tiny"
+WORLD_MODEL = "crp-world"
+#: the crp-world checkpoints: tag -> how it was made
+WORLD_CHECKPOINTS = {
+    "clipworld": "small CLIP pretrained by scripts/train_world_clip.py on clipworld image-caption pairs",
+    "clipworld_patch_ft": "crp-world/clipworld fine-tuned by scripts/train_world_patch_model.py on the robust/clipworld "
+                          "patch task; it has learned 'cyan patch => star'",
+}
 
 
 def load_open_clip(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cpu", *,
@@ -37,10 +44,10 @@ def load_open_clip(model_name: str, pretrained: str, cache_dir: str | None = Non
                     f"points to a missing file: {checkpoint.path}"
                 )
             pretrained = str(checkpoint.path)
-    elif model_name == TINY_MODEL and (ASSETS / f"{TINY_MODEL}_{pretrained}.safetensors").is_file():
+    elif model_name in (TINY_MODEL, WORLD_MODEL) and (ASSETS / f"{model_name}_{pretrained}.safetensors").is_file():
         # without a registry (scripts, tests), the package's own shipped checkpoints still resolve
-        open_clip.add_model_config(ASSETS / f"{TINY_MODEL}.json")
-        pretrained = str(ASSETS / f"{TINY_MODEL}_{pretrained}.safetensors")
+        open_clip.add_model_config(ASSETS / f"{model_name}.json")
+        pretrained = str(ASSETS / f"{model_name}_{pretrained}.safetensors")
     model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, cache_dir=cache_dir)
     model = model.to(device)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -78,3 +85,6 @@ def register_checkpoints(register):
             description="tiny CLIP trained by scripts/train_tiny_clip.py on spurious_shapes image-caption pairs",
         )
     )
+    for tag, description in WORLD_CHECKPOINTS.items():
+        register(CheckpointSpec(model=WORLD_MODEL, pretrained=tag, path=ASSETS / f"{WORLD_MODEL}_{tag}.safetensors",
+                                config=ASSETS / f"{WORLD_MODEL}.json", description=description))
