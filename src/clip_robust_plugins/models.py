@@ -27,6 +27,11 @@ TINY_MODEL = "crp-tiny"
 HF_HUB = "hf-hub:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
 OPEN_CLIP_LIST = "python -c 'import open_clip; print(open_clip.list_models())'"
+WORLD_MODEL = "crp-world"
+#: the crp-world checkpoints: tag -> how it was made
+WORLD_CHECKPOINTS = {
+    "clipworld": "small CLIP pretrained by scripts/train_world_clip.py on clipworld image-caption pairs",
+}
 
 
 def load_open_clip(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cpu", *,
@@ -45,10 +50,10 @@ def load_open_clip(model_name: str, pretrained: str, cache_dir: str | None = Non
                     f"points to a missing file: {checkpoint.path}"
                 )
             pretrained = str(checkpoint.path)
-    elif model_name == TINY_MODEL and (ASSETS / f"{TINY_MODEL}_{pretrained}.safetensors").is_file():
+    elif model_name in (TINY_MODEL, WORLD_MODEL) and (ASSETS / f"{model_name}_{pretrained}.safetensors").is_file():
         # without a registry (scripts, tests), the package's own shipped checkpoints still resolve
-        open_clip.add_model_config(ASSETS / f"{TINY_MODEL}.json")
-        pretrained = str(ASSETS / f"{TINY_MODEL}_{pretrained}.safetensors")
+        open_clip.add_model_config(ASSETS / f"{model_name}.json")
+        pretrained = str(ASSETS / f"{model_name}_{pretrained}.safetensors")
     try:
         model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, cache_dir=cache_dir)
     except Exception as exc:
@@ -167,3 +172,6 @@ def register_checkpoints(register):
             description="tiny CLIP trained by scripts/train_tiny_clip.py on spurious_shapes image-caption pairs",
         )
     )
+    for tag, description in WORLD_CHECKPOINTS.items():
+        register(CheckpointSpec(model=WORLD_MODEL, pretrained=tag, path=ASSETS / f"{WORLD_MODEL}_{tag}.safetensors",
+                                config=ASSETS / f"{WORLD_MODEL}.json", description=description))

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.metrics",
     "clip_robust_plugins.datasets.spurious_shapes",
     "clip_robust_plugins.datasets.spurious_quadrants",
+    "clip_robust_plugins.datasets.clipworld.plugin",
     "clip_robust_plugins.datasets.waterbirds",
     "clip_robust_plugins.datasets.celeba",
     "clip_robust_plugins.datasets.subpop",

@@ -1,0 +1,42 @@
+"""Compositional captions naming a random subset of a sample's attributes.
+
+"a red star on sand", "a photo of a star", "grass with a small blue ring", "a photo of
+snow", "a hexagon with a cyan patch": every attribute word appears in some captions and
+is left out of others, so the text tower learns each word on its own and in context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .vocab import MARKER_WORD
+
+_OBJECT_FRAMES = ("a photo of a {o}", "a picture of a {o}", "an image of a {o}", "a {o}", "a drawing of a {o}")
+_SCENE_FRAMES = ("a photo of {s}", "a picture of {s}", "an image of {s}", "{s}")
+_WITH_SCENE = ("{f} on {s}", "{s} with a {o}", "{f} in front of {s}")
+
+
+def caption(rng: np.random.Generator, attrs: dict[str, str]) -> str:
+    """One caption for a sample with attribute value names ``attrs``."""
+    words = []
+    if rng.random() < 0.3:
+        words.append(attrs["size"])
+    if rng.random() < 0.5:
+        words.append(attrs["colour"])
+    name_shape = rng.random() < 0.85
+    name_scene = rng.random() < 0.6 or not name_shape
+    obj = " ".join([*words, attrs["shape"]]) if name_shape else None
+    scene = attrs["scene"]
+    if obj is None:
+        text = _SCENE_FRAMES[rng.integers(len(_SCENE_FRAMES))].format(s=scene)
+    else:
+        frame = _OBJECT_FRAMES[rng.integers(len(_OBJECT_FRAMES))].format(o=obj)
+        if name_scene:
+            text = _WITH_SCENE[rng.integers(len(_WITH_SCENE))].format(f=frame, s=scene, o=obj)
+        else:
+            text = frame
+        if rng.random() < 0.15:
+            text += " in the center" if attrs["position"] == "center" else f" on the {attrs['position']}"
+    if attrs["marker"] == "marker" and rng.random() < 0.6:
+        text += f" with a {MARKER_WORD}"
+    return text + "."
