@@ -254,3 +254,35 @@ def test_readers_are_registered_with_their_flags(run_cli):
         row = rows[f"clip_robust_plugins.datasets.{name}"]
         assert row["registers"]["datasets"] == [name]
         assert "add_arguments" not in row["hooks"]  # flags from DatasetSpec(options=...), one config idiom
+
+
+# ------------------------------------------------------------ annotations, base class
+def test_every_dataset_tells_its_annotations_through_the_base_class(tmp_path, shapes_root):
+    import shutil
+
+    from clip_robust_plugins.datasets.base import RobustDataset
+    from clip_robust_plugins.datasets.wds import ANNOTATIONS_KEY, GroupedShards
+    from clip_robust_plugins.readers import FileDataset, FileRow
+
+    assert RobustDataset.sample_annotations(None, "test") is None and RobustDataset.file_rows(None, "test") is None
+    write_waterbirds(tmp_path / "wb")
+    wb = load_waterbirds(request(tmp_path / "wb"))
+    record = wb.sample_annotations("test")
+    n = sum(WATERBIRDS_COUNTS["test"])
+    assert record["mask"] is False and record["box"] is False and record["samples"] == n
+    assert record["json_keys"]["y"] == n and record["json_keys"]["img_id"] == n
+    assert wb.file_rows("test") == wb.rows("test")
+    rows = [FileRow(r.key, r.path, r.values, {**r.extra, "box": [0, 0, 4, 4]}, r.where) for r in wb.rows("test")]
+    boxed = FileDataset(name="boxed", root=wb.root, schema=wb.schema, classnames=wb.classnames,
+                        templates=wb.templates, rows={"test": rows})
+    assert boxed.sample_annotations("test")["box"] is True
+    from clip_robust_plugins.mitigations.seraser import resolve_views
+
+    assert resolve_views("auto", boxed, "robust/boxed", "test").name == "boxes"  # a third-party reader is known
+    # shards written elsewhere, without the annotations record: read from the tar headers, the same answer
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes_root, copy)
+    doc = json.loads((copy / "groups.json").read_text())
+    assert doc.pop(ANNOTATIONS_KEY)
+    (copy / "groups.json").write_text(json.dumps(doc))
+    assert GroupedShards(copy).sample_annotations("test") == GroupedShards(shapes_root).sample_annotations("test")
