@@ -25,6 +25,8 @@ from .records import CheckpointSpec, ModelLoaderSpec
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = "crp-tiny"
 HF_HUB = "hf-hub:"
+#: open_clip model names that name a location (the model's config comes from there, not the list)
+MODEL_SCHEMAS = (HF_HUB, "local-dir:")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
 OPEN_CLIP_LIST = "python -c 'import open_clip; print(open_clip.list_models())'"
 WORLD_MODEL = "crp-world"
@@ -115,7 +117,7 @@ def check_open_clip(model_name: str, pretrained: str, *, registry: Any = None) -
     """One line for a model name open_clip does not know or a ``--pretrained`` tag that model does
     not have (listing its real tags, registered and open_clip's, and the close match); before any
     data is read or the model built.  A file is checked when the model loads (:func:`load_open_clip`)."""
-    if model_name.startswith(HF_HUB) or not pretrained or pretrained.startswith(HF_HUB):
+    if model_name.startswith(MODEL_SCHEMAS) or not pretrained or pretrained.startswith(HF_HUB):
         return
     if os.path.isfile(pretrained) or (registry is not None and registry.checkpoint(model_name, pretrained) is not None):
         return  # a file (checked when loaded) or a registered checkpoint: no need to import open_clip
