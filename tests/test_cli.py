@@ -255,3 +255,4 @@ def test_demo_runs_offline_and_writes_table_json_csv_png(run_cli, tmp_path):
         assert metrics[f"{method}/worst_group_acc_ci_low"] <= metrics[f"{method}/worst_group_acc"]
     page = (out / "report" / "report.html").read_text()
     assert "robust/spurious_shapes" in page and "data:image/png;base64," in page
+    assert stdout.strip().splitlines()[-1] == str(out / "report" / "report.html")  # the demo ends with where to look

@@ -160,9 +160,18 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def demo_eval_argv(output_dir: str, registry: Registry, device: str) -> list[str]:
+def demo_mitigations(registry: Registry) -> list[str]:
+    """The methods the demo runs: the built-ins, and a third party's only when it declares demo
+    settings, so an installed plugin cannot make the first command a user runs slow."""
+    from .plugins import BUILTIN_PLUGINS
+
+    return [name for name, spec in registry.mitigations.items()
+            if not spec.baseline and (registry.owner("mitigations", name) in BUILTIN_PLUGINS or spec.demo_flags)]
+
+
+def demo_eval_argv(output_dir: str, registry: Registry) -> list[str]:
     """The eval command line the demo runs (printed, so a user can rerun or vary it)."""
-    mitigations = [name for name, spec in registry.mitigations.items() if not spec.baseline]
+    mitigations = demo_mitigations(registry)
     argv = [
         "eval", "--dataset", "robust/spurious_shapes", "--dataset_root", os.path.join(output_dir, "data"),
         "--model", "crp-tiny", "--pretrained", "spurious_shapes",
@@ -203,8 +212,7 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
     parser = build_parser(pm, registry, command)
     if command == "demo":
         demo_args, extra = parser.parse_known_args(argv)
-        device = _device()
-        eval_argv = demo_eval_argv(demo_args.output_dir, registry, device) + extra
+        eval_argv = demo_eval_argv(demo_args.output_dir, registry) + extra
         print(f"demo: {PROG} {' '.join(eval_argv)}", file=sys.stderr)
         args = build_parser(pm, registry, "eval").parse_args(eval_argv)
         run_eval(args, pm, registry)
@@ -213,8 +221,9 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         out = os.path.join(demo_args.output_dir, "results")
         report_dir = os.path.join(demo_args.output_dir, "report")
         write_report([args.output], report_dir)
-        print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and "
-              f"{os.path.join(report_dir, 'report.html')}", file=sys.stderr)
+        page = os.path.join(report_dir, "report.html")
+        print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and {page}", file=sys.stderr)
+        print(page)  # the last line on stdout: where to look
         return 0
     args = parser.parse_args(argv)
     which = getattr(args, "which", None)
