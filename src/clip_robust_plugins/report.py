@@ -115,9 +115,38 @@ def plot_path(results_path: str) -> str:
     return base + "_groups.png"
 
 
+#: why a value is null in the results JSON, by the last part of its key
+NULL_REASONS = {"acc5": "top-5 accuracy is undefined with fewer than 5 classes"}
+
+
+def strict_json(dump: dict) -> dict:
+    """``dump`` with every NaN or infinity replaced by null, the reasons recorded once under
+    ``robust.null_values`` (standard JSON: strict parsers reject bare NaN)."""
+    nulls: dict[str, str] = {}
+
+    def clean(value, key: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            name = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+            nulls[key] = NULL_REASONS.get(name, f"not a finite number ({value})")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(dump, "")
+    if nulls:
+        reasons = sorted(set(nulls.values()))
+        out.setdefault("robust", {})["null_values"] = {
+            reason: sorted(k for k, r in nulls.items() if r == reason) for reason in reasons
+        }
+    return out
+
+
 def _write_json(result: EvalResult, path: str) -> None:
     with open(path, "w") as fh:
-        json.dump(result.dump, fh, indent=1)
+        json.dump(strict_json(result.dump), fh, indent=1, allow_nan=False)
 
 
 def _write_predictions(result: EvalResult, path: str) -> None:
