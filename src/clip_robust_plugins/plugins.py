@@ -62,6 +62,12 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.seraser",
     "clip_robust_plugins.mitigations.wise_ft",
     "clip_robust_plugins.mitigations.contrastive_adapter",
+    "clip_robust_plugins.mitigations.text.group_prompts",
+    "clip_robust_plugins.mitigations.text.orth_proj",
+    "clip_robust_plugins.mitigations.text.orth_cali",
+    "clip_robust_plugins.mitigations.text.roboshot",
+    "clip_robust_plugins.mitigations.text.perception_clip",
+    "clip_robust_plugins.mitigations.text.tie_star",
     "clip_robust_plugins.export_command",
     "clip_robust_plugins.summary",
 )

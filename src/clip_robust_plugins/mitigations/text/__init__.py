@@ -1,0 +1,1 @@
+"""Training-free, text-side baselines (group prompts, Orth-Proj/Cali, RoboShot, PerceptionCLIP, TIE*)."""
