@@ -52,9 +52,14 @@ def _fragile_metric(preds):
 
 def _fragile_dataset(request):
     _maybe_fail("dataset")
-    from clip_robust_plugins.datasets.spurious_shapes import load_spurious_shapes
+    import dataclasses
 
-    dataset = load_spurious_shapes(request)
+    from clip_robust_plugins.argtypes import config_from_options
+    from clip_robust_plugins.datasets.spurious_shapes import ShapesConfig, load_spurious_shapes
+
+    # a wrapper of robust/spurious_shapes reads that dataset's own --shapes_* flags
+    config = config_from_options(ShapesConfig, "shapes_", request.options)
+    dataset = load_spurious_shapes(dataclasses.replace(request, config=config))
     for method in ("splits", "fingerprint"):  # read before the dataset is used / while its features are read
         original = getattr(dataset, method)
 

@@ -113,14 +113,17 @@ def test_waterbirds_folder_without_masks_runs_with_no_extra_flag(run_cli, tmp_pa
 def test_masks_where_there_are_none_fail_before_the_model_or_any_feature(run_cli, tmp_path):
     write_waterbirds(tmp_path / "wb")
     out, cache = tmp_path / "res.json", tmp_path / "cache"
-    # a checkpoint that does not exist: the error must come before anything tries to build the model
+    # a checkpoint file that cannot load (its existence is checked up front, its contents when the
+    # model is built): seraser's error must come before anything tries to build the model
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
     rc, _, err = run_cli("eval", "--dataset", "robust/waterbirds", "--dataset_root", tmp_path / "wb",
-                         "--model", "crp-tiny", "--pretrained", tmp_path / "missing.safetensors", "--num_workers", "0",
+                         "--model", "crp-tiny", "--pretrained", tmp_path / "broken.safetensors", "--num_workers", "0",
                          "--mitigation", "seraser", "--seraser_views", "masks", "--feature_cache", cache, "--output", out)
     line = err.strip().splitlines()[-1]
     assert rc == 2 and not out.exists() and not (cache.exists() and any(cache.rglob("*")))
-    assert "seraser: robust/waterbirds split 'test' has no foreground masks" in line
-    assert "--seraser_views masks" in line and "missing.safetensors" not in line
+    assert "mitigation 'seraser'" in line and "failed in check" in line
+    assert "robust/waterbirds split 'test' has no foreground masks" in line
+    assert "--seraser_views masks" in line and "broken.safetensors" not in line
 
 
 def test_boxes_only_shards_resolve_to_boxes_end_to_end(run_cli, tmp_path):
