@@ -15,10 +15,7 @@ from clip_robust_plugins.datasets.clipworld.geometry import (
     to_tensor,
 )
 from clip_robust_plugins.datasets.clipworld.tasks import WorldTaskConfig, iter_split, resolve
-from clip_robust_plugins.models import ASSETS, load_open_clip
-
-pytestmark = pytest.mark.skipif(not (ASSETS / "crp-world_clipworld.safetensors").is_file(),
-                                reason="crp-world_clipworld.safetensors is not shipped yet (issue 18 item 2 open)")
+from clip_robust_plugins.models import load_open_clip
 
 
 @pytest.fixture(scope="module")
