@@ -58,7 +58,8 @@ def add_robust_eval_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("group robustness (clip_benchmark_robust)")
     group.add_argument(
         "--mitigation", nargs="+", default=[], metavar="NAME",
-        help="mitigation(s) to evaluate beside zero-shot (always run as the baseline); see `clip_benchmark_robust plugins`",
+        help="mitigation(s) to evaluate beside zero-shot (always run as the baseline); see `clip_benchmark_robust plugins`; "
+        "`all_baselines` runs every registered method whose labels and splits the dataset has",
     )
     group.add_argument(
         "--save_predictions", action="store_true",

@@ -127,20 +127,24 @@ class RunPlan:
 
 def plan(args: argparse.Namespace, registry: Registry) -> RunPlan:
     """Methods, saved states, dataset, splits, class names and seeds; every mistake here is one line."""
+    from .mitigations.named_sets import NAMED_SETS, expand_named_sets
+
     baseline = baseline_spec(registry)
-    methods = [baseline.name] + [m for m in dict.fromkeys(args.mitigation or []) if m != baseline.name]
-    try:
-        specs = [registry.mitigation(m) for m in methods]
-    except PluginError as exc:
-        raise EvalError(str(exc)) from None
-    saved = states.read_states(args.mitigation_state)
-    unused = sorted(set(saved) - set(methods))
-    if unused:
-        raise EvalError(f"{saved[unused[0]].path}: state for {unused[0]!r}, which is not among --mitigation {methods[1:]}")
+    requested = list(dict.fromkeys(args.mitigation or []))
+    methods, specs = _method_specs(registry, baseline, [m for m in requested if m not in NAMED_SETS])
     loader = registry.model_loader(args.model_type)  # an unknown --model_type fails here, before any work
     if loader.check is not None:  # a wrong model name or --pretrained tag: one line, before the dataset is read
         loader.check(args.model, args.pretrained, registry=registry)
     dataset = load_dataset(args, registry)
+    if any(m in NAMED_SETS for m in requested):  # e.g. all_baselines: every method whose labels this dataset has
+        expanded, skipped = expand_named_sets(requested, registry, dataset)
+        methods, specs = _method_specs(registry, baseline, expanded)
+        for name, reason in skipped.items():
+            print(f"note: {', '.join(n for n in requested if n in NAMED_SETS)} leaves out {name}: {reason}", file=sys.stderr)
+    saved = states.read_states(args.mitigation_state)
+    unused = sorted(set(saved) - set(methods))
+    if unused:
+        raise EvalError(f"{saved[unused[0]].path}: state for {unused[0]!r}, which is not among --mitigation {methods[1:]}")
     note = _group_label_note(args, dataset, specs, saved)
     with stage(dataset_label(args, registry), "splits"):
         splits = dataset.splits()
@@ -157,6 +161,15 @@ def plan(args: argparse.Namespace, registry: Registry) -> RunPlan:
         run.seed_args[seed] = copy.copy(args)
         run.seed_args[seed].seed = seed
     return run
+
+
+def _method_specs(registry: Registry, baseline: MitigationSpec, names: list[str]) -> tuple[list[str], list[MitigationSpec]]:
+    """The baseline first, then ``names`` in order; an unknown name is one line."""
+    methods = [baseline.name] + [m for m in names if m != baseline.name]
+    try:
+        return methods, [registry.mitigation(m) for m in methods]
+    except PluginError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def _group_label_note(args: argparse.Namespace, dataset: RobustDataset, specs: list[MitigationSpec],

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import types
 
-from clip_robust_plugins.mitigations.text.baselines import expand_named_sets
+import pytest
+
+from clip_robust_plugins.mitigations.named_sets import expand_named_sets
 from clip_robust_plugins.plugins import build_plugin_manager, collect_registry
 
 
@@ -21,3 +24,18 @@ def test_all_baselines_filters_by_labels_and_splits():
         ok = not spec.baseline and "group" not in spec.needs.labels and not spec.needs.fit_splits
         assert (name in methods[1:]) == ok or name == "dfr"
     assert "tie_star" in skipped and "group_prompts" in methods
+
+
+@pytest.mark.slow
+def test_all_baselines_runs_every_method_the_dataset_can_serve(run_cli, shapes_flags, tmp_path):
+    """``--mitigation all_baselines`` on a dataset with group labels: every registered method runs."""
+    from clip_robust_plugins.plugins import build_plugin_manager, collect_registry
+
+    out = tmp_path / "all.json"
+    rc, _, err = run_cli("eval", *shapes_flags, "--model", "crp-tiny", "--pretrained", "spurious_shapes", "--quiet",
+                         "--num_workers", "0", "--no_feature_cache", "--mitigation", "all_baselines",
+                         "--seraser_steps", "1", "--cfr_epochs", "1", "--cfr_erm_epochs", "1", "--ravl_epochs", "1",
+                         "--wise_ft_epochs", "1", "--output", out)
+    assert rc == 0, err[-2000:]
+    ran = set(json.loads(out.read_text())["robust"]["methods"])
+    assert ran == set(collect_registry(build_plugin_manager()).mitigations)

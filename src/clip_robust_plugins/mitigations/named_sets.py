@@ -13,7 +13,7 @@ def expand_named_sets(requested: Sequence[str], registry: Any, dataset: Any) -> 
     """``requested`` with ``all_baselines`` replaced by every registered non-baseline method
     whose labels the dataset has (group labels need ``has_group_labels``) and whose fit
     splits it has; returns (methods in order, skipped method -> reason)."""
-    labels = {"class", "group"} if getattr(dataset, "has_group_labels", True) else {"class"}
+    labels = {"class", "group"} if dataset.has_group_labels else {"class"}
     splits = set(dataset.splits())
     out: list[str] = []
     skipped: dict[str, str] = {}
