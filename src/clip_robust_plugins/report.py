@@ -22,7 +22,8 @@ SUMMARY_ROWS = (
     ("acc (sample mean)", "acc"),
     ("acc (train-weighted)", "acc_train_weighted"),
     ("acc (group mean)", "acc_group_mean"),
-    ("gap (acc - worst)", "gap"),
+    ("gap (sample mean - worst)", "gap"),
+    ("gap (train-weighted - worst)", "gap_train_weighted"),
     ("balanced acc", "balanced_acc"),
 )
 

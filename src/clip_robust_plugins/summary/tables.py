@@ -166,7 +166,7 @@ def _section(dataset: str, evaluated: tuple, runs: list[Run], slug: str, variant
     columns = [
         Column(_WGA, "worst_group_acc", True),
         Column("average acc" + (" (train-weighted)" if weighted else ""), avg_key, True),
-        Column("gap", gap_key, False),
+        Column("gap (train-weighted)" if weighted else "gap (sample mean)", gap_key, False),
         Column(f"Δ worst-group vs {baseline}", "delta_worst_group_acc_vs_{baseline}", True),
     ]
     rows: dict[tuple[str, str, str], Row] = {}
