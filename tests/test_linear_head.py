@@ -104,3 +104,31 @@ def test_erm_head_equals_a_direct_sklearn_fit():
     margin = head.predict(ctx, "train").numpy() @ np.array([-1.0, 1.0])
     np.testing.assert_allclose(margin, clf.decision_function(x.astype(np.float32)), rtol=1e-4, atol=1e-4)
     assert head.hyperparameters() == {"fit_split": "train", "C": 0.5, "max_iter": 1000, "solver": "lbfgs"}
+
+
+def test_the_guide_linear_head_runs_and_is_nearest_class_mean(tmp_path, monkeypatch, crp_plugin_manager, crp_eval):
+    import re
+    import sys
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+    code = re.findall(r"```python\n(# my_package/centroid_head.py.*?)```", doc.read_text(), flags=re.S)[0]
+    (tmp_path / "guide_centroid.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import guide_centroid
+
+    # independent check on a small case: the head's argmax is the nearest class mean
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(50, 3)), rng.integers(0, 3, size=50)
+    ctx = fake_ctx({"train": FakeFeatures(x, y, np.zeros(50, int))}, 3)
+    head = guide_centroid.CentroidHead(guide_centroid.CentroidConfig())
+    head.fit(ctx)
+    means = np.stack([x[y == c].mean(0) for c in range(3)])
+    nearest = ((x[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(head.predict(ctx, "train").argmax(1).numpy(), nearest)
+
+    crp_plugin_manager.register(guide_centroid, name="guide_centroid")
+    results = crp_eval("--centroid_shrink", "0.5", mitigation=["centroid_head"])
+    assert results["robust"]["methods"]["centroid_head"]["hyperparameters"] == {"fit_split": "train", "shrink": 0.5}
+    assert 0.0 <= results["metrics"]["centroid_head/worst_group_acc"] <= 1.0
+    sys.modules.pop("guide_centroid", None)
