@@ -56,6 +56,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.datasets.counteranimal",
     "clip_robust_plugins.mitigations.zeroshot",
     "clip_robust_plugins.mitigations.erm_head",
+    "clip_robust_plugins.mitigations.heads.group_dro",
     "clip_robust_plugins.mitigations.dfr",
     "clip_robust_plugins.mitigations.cfr",
     "clip_robust_plugins.mitigations.ravl.plugin",

@@ -1,0 +1,1 @@
+"""Robust linear heads on cached features, each one :class:`~..linear_head.LinearHead` subclass."""
