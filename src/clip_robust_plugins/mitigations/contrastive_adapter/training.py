@@ -9,7 +9,7 @@ import torch
 
 from ...metrics import worst_group_accuracy
 from ..base import Mitigation, RunContext
-from . import NAME, ContrastiveAdapterConfig
+from .config import NAME, ContrastiveAdapterConfig
 
 #: anchors per block when hard negatives are searched (memory O(CHUNK x pool))
 CHUNK = 1024

@@ -11,7 +11,7 @@ import torch
 
 from ...metrics import worst_group_accuracy
 from ..base import Mitigation, RunContext
-from . import NAME, WiseFTConfig
+from .config import NAME, WiseFTConfig
 
 
 def finetune_head(x: torch.Tensor, y: torch.Tensor, coef0: torch.Tensor, config: WiseFTConfig,
