@@ -163,14 +163,15 @@ def build_context(args: argparse.Namespace, registry: Registry, dataset: RobustD
         device=args.device,
         amp=args.amp,
         seed=args.seed,
-        options=args,
         eval_split=split,
         progress=progress,
+        model_name=args.model, pretrained=args.pretrained, model_type=args.model_type, model_cache_dir=args.model_cache_dir,
+        batch_size=args.batch_size, num_workers=args.num_workers, config_of=lambda spec: spec_config(spec, args),
     )
     return ctx
 
 
-def _plan(ctx, mitigations: dict, specs: list[MitigationSpec], saved: dict, eval_split: str) -> dict[str, list]:
+def _plan(views, mitigations: dict, specs: list[MitigationSpec], saved: dict, eval_split: str) -> dict[str, list]:
     """Every feature kind of every split any method reads, so each split is read once."""
     from .features import kind_name
 
@@ -185,7 +186,7 @@ def _plan(ctx, mitigations: dict, specs: list[MitigationSpec], saved: dict, eval
         fitting = spec.name not in saved
         for split in (eval_split, *(spec.needs.fit_splits if fitting else ())):
             add(split, spec.needs.feature_kinds)
-        for split, kinds in mitigations[spec.name].feature_plan(ctx, fitting).items():
+        for split, kinds in mitigations[spec.name].feature_plan(views[spec.name], fitting).items():
             add(split, kinds)
     return plan
 
@@ -240,16 +241,17 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         args.device = dist.device
     ctx = build_context(args, registry, dataset, eval_split, classnames, templates)
     extractor = ctx.extractor
-    mitigations = {spec.name: spec.create(spec_config(spec, args) if spec.options else args) for spec in specs}
+    mitigations = {spec.name: spec.create(spec_config(spec, args)) for spec in specs}
+    views = {spec.name: ctx.for_method(spec.name, spec.needs) for spec in specs}  # each sees what it declared
     for spec in specs:  # preconditions, before the model is built or any feature extracted
         try:
-            mitigations[spec.name].check(ctx)
+            mitigations[spec.name].check(views[spec.name])
         except (ValueError, KeyError, DatasetError, PluginError) as exc:
             raise EvalError(f"{spec.name}: {exc}") from None
     if any(spec.needs.live_model and spec.name not in saved for spec in specs):
         ctx.model  # noqa: B018 - a method runs the model itself: build it now, before the passes
     # One pass per split with every feature kind any method declared for it.
-    plan = _plan(ctx, mitigations, specs, saved, eval_split)
+    plan = _plan(views, mitigations, specs, saved, eval_split)
     extractor.dist = dist
     for split, kinds in plan.items():
         if dist is None or dist.is_main:
@@ -276,9 +278,9 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
             states.check_compatible(loaded, provenance)
             mitigation.load_state_dict(loaded.tensors)
         else:
-            mitigation.fit(ctx)
+            mitigation.fit(views[spec.name])
         t1 = time.perf_counter()
-        logits = mitigation.predict(ctx, eval_split).float().cpu()
+        logits = mitigation.predict(views[spec.name], eval_split).float().cpu()
         t2 = time.perf_counter()
         owner = registry.owner("mitigations", spec.name)
         if logits.shape != (len(eval_fs), ctx.n_classes):
@@ -307,6 +309,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         info = {
             "plugin": owner,
             "needs": spec.needs.to_json(),
+            "labels_used": views[spec.name].labels_used() if loaded is None else None,  # None: fitted in another run
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(t1 - t0, 4),
             "state_loaded_from": loaded.path if loaded is not None else None,

@@ -8,9 +8,10 @@ the correlation; DFR (group-balanced retraining) is what fixes that.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..argtypes import option
 from ..hookspecs import hookimpl
 from ..records import MitigationSpec, Needs
 from .base import Mitigation, RunContext
@@ -72,13 +73,15 @@ class ERMHead(Mitigation):
         return {"C": self.C, "split": self.split, "max_iter": self.max_iter, "solver": "lbfgs"}
 
 
-def _create(options: argparse.Namespace) -> ERMHead:
-    return ERMHead(C=getattr(options, "erm_head_C", 1.0))
+@dataclass(frozen=True)
+class ERMHeadConfig:
+    """The ``--erm_head_*`` flags."""
+
+    C: float = option(1.0, "inverse L2 regularisation strength")
 
 
-@hookimpl
-def add_arguments(parser):
-    parser.add_argument("--erm_head_C", type=float, default=1.0, help="erm_head: inverse L2 regularisation strength (default 1.0)")
+def _create(config: ERMHeadConfig) -> ERMHead:
+    return ERMHead(C=config.C)
 
 
 @hookimpl
@@ -87,6 +90,8 @@ def register_mitigations(register):
         MitigationSpec(
             name=NAME,
             create=_create,
+            options=ERMHeadConfig,
+            option_prefix="erm_head_",
             needs=Needs(fit_splits=("train",), labels=frozenset({"class"})),
             description="logistic-regression head on frozen train-split image embeddings (ERM, class labels only)",
         )

@@ -16,9 +16,10 @@ from .split_discovery import discover
 
 
 def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None:
-    """The ``discover`` subcommand: clip_benchmark's flag names, plus every plugin's flags (datasets, ``--ravl_*``)."""
+    """The ``discover`` subcommand: clip_benchmark's flag names, the datasets' flags and RaVL's discovery flags."""
     from ...argtypes import add_data_flags
-    from ...plugins import add_plugin_flags, add_spec_flags
+    from ...plugins import add_plugin_flags
+    from .configs import add_discover_flags
 
     parser.add_argument("--dataset", required=True, help="a group dataset: robust/<name> or wds/<name> with groups.json")
     parser.add_argument("--dataset_root", default="root", help="dataset root, clip_benchmark's templating ({dataset})")
@@ -36,8 +37,9 @@ def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None
                         help="report JSON path; the PNG sheet goes beside it with the extension .png")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_data_flags(parser)
-    add_plugin_flags(parser, command_ctx.plugin_manager)
-    add_spec_flags(parser, command_ctx.registry)
+    dataset_plugins = {owner for (kind, _), owner in command_ctx.registry.owners.items() if kind == "datasets"}
+    add_plugin_flags(parser, command_ctx.plugin_manager, only=dataset_plugins.__contains__)
+    add_discover_flags(parser, command_ctx.registry)
 
 
 def run_discover_command(args: argparse.Namespace, command_ctx) -> int:
