@@ -503,16 +503,11 @@ def test_token_region_embeddings_follow_the_preprocessing_and_the_towers_head():
 
 def test_ravl_fits_with_crop_regions_too(quadrants_flags):
     """The crop-and-encode region path of the loss (towers without patch tokens, or --ravl_region_features crops)."""
-    from clip_robust_plugins import cli, plugins
+    from test_ravl_mitigation import _context, _create
 
-    pm = plugins.build_plugin_manager()
-    registry = plugins.collect_registry(pm)
-    args = cli.build_parser(pm, registry, "discover").parse_args(
-        ["discover", *quadrants_flags, "--no_feature_cache", "--quiet", "--ravl_region_features", "crops",
-         "--ravl_batch_size", "32", "--ravl_lr", "1e-4"])
-    args.device = "cpu"
-    ctx = ravl.context_from_args(args, registry)
-    method = registry.mitigation("ravl").create(args)
+    ctx, registry, args = _context(quadrants_flags, "--ravl_region_features", "crops", "--ravl_batch_size", "32",
+                                   "--ravl_lr", "1e-4")
+    method = _create(registry, "ravl", args)
     method.fit(ctx)
     hp = method.hyperparameters()
     assert hp["region_features_used"] == "crops" and hp["train_images_seen"] == QSMALL["train_size"]
