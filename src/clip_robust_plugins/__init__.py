@@ -33,6 +33,7 @@ _PUBLIC: dict[str, str] = {
     # mitigations
     "Mitigation": "mitigations.base",
     "RunContext": "mitigations.base",
+    "MethodContext": "mitigations.base",
     "AdaptedCLIP": "mitigations.adapted",
     # datasets and groups
     "RobustDataset": "datasets.base",
@@ -48,6 +49,7 @@ _PUBLIC: dict[str, str] = {
     "ImageSetKind": "features",
     # flags: one dataclass for a plugin's flags and config
     "option": "argtypes",
+    "nested": "argtypes",
     "add_config_flags": "argtypes",
     "config_from_options": "argtypes",
 }

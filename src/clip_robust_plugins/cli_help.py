@@ -119,8 +119,9 @@ def format_eval_help(parser: argparse.ArgumentParser, topic: str | None, everyth
     elif topic is None:
         chosen = sections[:1]
         epilog = f"More: --help-all (every flag), or --help TOPIC for one group of flags. Topics: {_topics_text(parser)}."
-    elif topic in SECTIONS:
-        chosen = [section for section in sections if section[0] == SECTIONS[topic]]
+    elif topic in SECTIONS:  # the whole group, its common flags included
+        chosen = [(g.title, g.description, list(g._group_actions)) for g in parser._action_groups
+                  if g.title == SECTIONS[topic]]
     elif topic in help_topics(parser):
         title, actions = help_topics(parser)[topic]
         chosen = [(title, None, actions)]
