@@ -442,6 +442,8 @@ def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, sh
     first = json.loads((tmp_path / "fit.json").read_text())
     info = first["robust"]["methods"]["cfr"]
     assert info["needs"]["labels"] == ["class", "group"] and info["hyperparameters"]["labels_used"] == ["class", "group"]
+    # what the run context saw it read: train's classes, val's groups (model selection)
+    assert info["labels_used"] == {"labels": "group", "splits": {"train": "class", "val": "group"}}
     assert info["hyperparameters"]["epochs"] == 3 and len(info["hyperparameters"]["val_scores"]) == 3
     state_file = tmp_path / "fit_state_cfr.safetensors"
     assert state_file.is_file()

@@ -416,6 +416,9 @@ def test_ravl_and_clip_ft_end_to_end_with_state_roundtrip(run_cli, quadrants_fla
         info = methods[name]
         assert info["needs"]["labels"] == ["class"] and info["hyperparameters"]["labels_used"] == ["class"]
         assert info["hyperparameters"]["train_images_seen"] == QSMALL["train_size"]
+    # ravl: train's classes (fine-tuning captions) and val's (discovery); clip_ft: train's only
+    assert methods["ravl"]["labels_used"] == {"labels": "class", "splits": {"train": "class", "val": "class"}}
+    assert methods["clip_ft"]["labels_used"] == {"labels": "class", "splits": {"train": "class"}}
     hp = methods["ravl"]["hyperparameters"]
     assert hp["discovery"]["split"] == "val" and hp["spurious_train_regions"] > 0
     assert set(hp["losses_per_epoch"][0]) == {"loss", "clip", "region_to_label", "label_to_region"}

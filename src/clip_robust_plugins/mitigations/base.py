@@ -227,7 +227,8 @@ class MethodContext:
     ``needs.fit_splits``; class labels (``labels(split)``, ``features(split).y``) only of
     declared fit splits and when ``"class"`` is declared; group labels (``labels(split,
     "group")``, ``.group_ids()``, ``.fields``) only when ``"group"`` is declared.  What was
-    read is :meth:`labels_used`, recorded in the results.
+    read is :meth:`labels_used`, recorded in the results; ``dataset.samples(split)`` records
+    carry every label, so reading a fit split's samples counts as reading the declared labels.
     """
 
     def __init__(self, ctx: RunContext, method: str, needs: Needs):
@@ -261,6 +262,15 @@ class MethodContext:
                               f"Needs.fit_splits={tuple(self.needs.fit_splits)}")
         if LABEL_LEVELS.index(level) > LABEL_LEVELS.index(self._read.get(split, "none")):
             self._read[split] = level
+
+    def _note_samples(self, split: str) -> None:
+        """A read of ``dataset.samples(split)``: its records carry every label, so a fit split's
+        read counts as reading the labels the method declares (the eval split's: none, unverified)."""
+        self._check_split(split)
+        if split in self.needs.fit_splits:
+            for level in LABEL_LEVELS[1:]:
+                if level in self.needs.labels:
+                    self._note_labels(split, level)
 
     def features(self, split: str, kind: FeatureKind = "image") -> FeatureSet:
         self._check_split(split)
@@ -335,7 +345,7 @@ class _SplitGuardedDataset:
         return getattr(self._dataset, name)
 
     def samples(self, split: str, *args: Any, **kwargs: Any) -> Any:
-        self._view._check_split(split)
+        self._view._note_samples(split)
         return self._dataset.samples(split, *args, **kwargs)
 
 
