@@ -255,6 +255,7 @@ def test_discover_help_lists_only_the_flags_discover_uses(capsys):
 
 
 def test_plugins_prints_a_table_by_the_names_the_cli_takes(run_cli, crp_plugin_manager, monkeypatch):
+    import clip_robust_plugins
     from clip_robust_plugins import cli
 
     monkeypatch.setattr(cli, "build_plugin_manager", lambda *a, **k: crp_plugin_manager.pm)
@@ -267,8 +268,9 @@ def test_plugins_prints_a_table_by_the_names_the_cli_takes(run_cli, crp_plugin_m
     starts = [line.split()[0] for line in lines[1:] if not line.startswith(" ")]
     assert starts == [r["name"] for r in rows]  # one row per plugin (long ones wrap under "registers")
     text = " ".join(" ".join(line.split()) for line in lines)
-    assert "clip_robust_plugins.datasets.spurious_shapes 0.2.0 dataset robust/spurious_shapes" in text
-    assert "clip_robust_plugins.mitigations.dfr 0.2.0 methods dfr, dfr_train" in text
+    version = clip_robust_plugins.__version__
+    assert f"clip_robust_plugins.datasets.spurious_shapes {version} dataset robust/spurious_shapes" in text
+    assert f"clip_robust_plugins.mitigations.dfr {version} methods dfr, dfr_train" in text
     assert "checkpoint crp-tiny,spurious_shapes" in text  # the name --pretrained_model takes
     shapes = next(r for r in rows if r["name"] == "clip_robust_plugins.datasets.spurious_shapes")
     assert shapes["registers"]["datasets"] == ["robust/spurious_shapes"]
