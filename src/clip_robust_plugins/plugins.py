@@ -278,12 +278,13 @@ def plugin_parent_parser() -> argparse.ArgumentParser:
     return parent
 
 
-#: a parser's record of who declared each flag: ``flag -> (who, declaration, plugin)``, and the
+#: a parser's record of who declared each flag: ``flag -> (plugin, record heading or None, declaration)``, and the
 #: flags of each help topic (a method, a dataset, a plugin): ``topic -> [actions]``
 _OWNERS_ATTR, _TOPICS_ATTR = "_crp_flag_owners", "_crp_topics"
 
 
-def flag_owners(parser: argparse.ArgumentParser) -> dict[str, tuple[str, Any, str]]:
+def flag_owners(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str | None, Any]]:
+    """Who declared each plugin flag of ``parser`` (so a second declaration can name both)."""
     if not hasattr(parser, _OWNERS_ATTR):
         setattr(parser, _OWNERS_ATTR, {})
     return getattr(parser, _OWNERS_ATTR)
@@ -300,7 +301,8 @@ def _declared_by(parser: argparse.ArgumentParser, flag: str) -> str:
     entry = flag_owners(parser).get(flag)
     if entry is None:
         return f"{parser.prog} itself"
-    return entry[0] if entry[0].startswith("plugin ") else f"plugin {entry[2]!r} ({entry[0]})"
+    plugin, heading, _ = entry
+    return f"plugin {plugin!r}" + (f" ({heading})" if heading else "")
 
 
 def _conflict(parser: argparse.ArgumentParser, flag: str, who: str) -> PluginError:
@@ -327,7 +329,7 @@ def add_plugin_flags(parser: argparse.ArgumentParser, pm: pluggy.PluginManager,
         except Exception as exc:
             raise PluginError(f"{who} failed in add_arguments: {type(exc).__name__}: {exc}") from exc
         for flag in set(parser._option_string_actions) - before:
-            flag_owners(parser)[flag] = (who, None, plugin_name)
+            flag_owners(parser)[flag] = (plugin_name, None, None)
         help_topics(parser)[plugin_name] = (group.title, list(group._group_actions))
 
 
@@ -379,7 +381,7 @@ def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: I
                 existing = parser._option_string_actions.get(flag.flag)
                 if existing is not None:
                     first = owners.get(flag.flag)
-                    if first is None or first[1] is not flag.declaration or first[2] != plugin:
+                    if first is None or first[0] != plugin or first[2] is not flag.declaration:
                         raise _conflict(parser, flag.flag, who)
                     actions.append(existing)
                     shared.append(flag.flag)
@@ -390,9 +392,9 @@ def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: I
                     actions.append(group.add_argument(flag.flag, **flag.kwargs))
                 except argparse.ArgumentError:
                     raise _conflict(parser, flag.flag, who) from None
-                owners[flag.flag] = (heading, flag.declaration, plugin)
+                owners[flag.flag] = (plugin, heading, flag.declaration)
             if shared:
-                note = f"also reads {', '.join(shared)} (listed under {owners[shared[0]][0]})"
+                note = f"also reads {', '.join(shared)} (listed under {owners[shared[0]][1]})"
                 if group is None:
                     group = parser.add_argument_group(title, note)
                 else:
