@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_robust_plugins import AdaptedCLIP, RunContext, models
+from clip_robust_plugins.argtypes import spec_config
 from clip_robust_plugins.features import (
     FEATURE_KINDS,
     FeatureSet,
@@ -31,7 +32,6 @@ from clip_robust_plugins.features import (
     projection_head_type,
 )
 from clip_robust_plugins.groups import two_field_schema
-from clip_robust_plugins.mitigations import cfr as cfr_module
 from clip_robust_plugins.mitigations.cfr import (
     CFR,
     CFRConfig,
@@ -44,6 +44,7 @@ from clip_robust_plugins.mitigations.cfr import (
     sample_positives,
 )
 from clip_robust_plugins.mitigations.cfr import training as cfr_training
+from clip_robust_plugins.plugins import add_spec_flags
 from clip_robust_plugins.states import StateError, read_state, write_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
@@ -84,7 +85,7 @@ class FakeContext:
         self.seed = seed
         self.schema = SCHEMA
         self.classnames = list(SCHEMA.classnames)
-        self.options = argparse.Namespace()
+        self.model_type = "open_clip"
         self.device, self.amp, self.progress, self.eval_split = "cpu", False, False, "test"
         self.reads: list[tuple[str, str]] = []
 
@@ -419,10 +420,11 @@ def test_plugin_registers_the_mitigation_flags_and_model_loader(crp_plugin_manag
     assert spec.needs.labels == frozenset({"class", "group"}) and spec.needs.fit_splits == ("train", "val")
     assert "preproj" in spec.needs.feature_kinds
     assert registry.model_loader("cfr").load is load_cfr_model
+    assert spec.options is CFRConfig and spec.option_prefix == "cfr_"  # one dataclass: the flags and the config
     parser = argparse.ArgumentParser()
-    cfr_module.add_arguments(parser=parser)
+    add_spec_flags(parser, registry, kinds=("mitigations",), only=lambda kind, name: name == "cfr")
     options = parser.parse_args(["--cfr_epochs", "3", "--cfr_selection", "class_balanced"])
-    method = spec.create(options)
+    method = spec.create(spec_config(spec, options))
     assert method.config.epochs == 3 and method.config.selection == "class_balanced"
     assert method.config.lr == 1e-4 and method.config.batch_size == 128  # the authors' defaults
 
@@ -440,6 +442,8 @@ def test_end_to_end_fit_save_reload_and_model_type_cfr(run_cli, shapes_flags, sh
     first = json.loads((tmp_path / "fit.json").read_text())
     info = first["robust"]["methods"]["cfr"]
     assert info["needs"]["labels"] == ["class", "group"] and info["hyperparameters"]["labels_used"] == ["class", "group"]
+    # what the run context saw it read: train's classes, val's groups (model selection)
+    assert info["labels_used"] == {"labels": "group", "splits": {"train": "class", "val": "group"}}
     assert info["hyperparameters"]["epochs"] == 3 and len(info["hyperparameters"]["val_scores"]) == 3
     state_file = tmp_path / "fit_state_cfr.safetensors"
     assert state_file.is_file()

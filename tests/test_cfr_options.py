@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from clip_robust_plugins.argtypes import add_config_flags, config_from_options
 from clip_robust_plugins.mitigations import cfr as cfr_module
 from clip_robust_plugins.mitigations.cfr import CFR, CFRConfig, training
 from clip_robust_plugins.mitigations.cfr.losses import LogitScale, feature_dropout, make_logit_scale
@@ -27,8 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch th
 
 def _parse(*argv):
     parser = argparse.ArgumentParser()
-    cfr_module.add_arguments(parser=parser)
+    add_config_flags(parser, CFRConfig, "cfr_")
     return parser.parse_args(list(argv))
+
+
+def _create(options) -> CFR:
+    """CFR as the engine makes it: ``create`` gets the config its declared options parse to."""
+    return cfr_module._create(config_from_options(CFRConfig, "cfr_", options))
 
 
 # ----------------------------------------------------------------------------- the curve and why an epoch was kept
@@ -92,10 +98,10 @@ def test_plots_write_a_png_of_the_curve(tmp_path):
 def test_flags_come_from_the_config_and_validate_their_values():
     options = _parse("--cfr_optimizer", "sgd", "--cfr_logit_scale", "learnable", "--cfr_negatives", "authors",
                      "--cfr_feature_dropout", "0.1", "--cfr_erm_selection", "best", "--cfr_selection", "val_ce")
-    config = cfr_module._create(options).config
+    config = _create(options).config
     assert (config.optimizer, config.logit_scale, config.negatives) == ("sgd", "learnable", "authors")
     assert (config.feature_dropout, config.erm_selection, config.selection) == (0.1, "best", "val_ce")
-    assert _parse().cfr_epochs is None and cfr_module._create(_parse()).config == CFRConfig()  # dataclass defaults
+    assert _parse().cfr_epochs is None and _create(_parse()).config == CFRConfig()  # dataclass defaults
     assert _parse("--cfr_logit_scale", "14.3").cfr_logit_scale == "14.3"
     assert _parse("--cfr_logit_scale", "model").cfr_logit_scale == "model"
     for bad in (["--cfr_logit_scale", "-1"], ["--cfr_logit_scale", "big"], ["--cfr_optimizer", "adam"],

@@ -195,16 +195,95 @@ def test_wds_without_groups_evaluates_at_class_level(run_cli, shapes_root, tmp_p
     assert rc == 2 and "needs a group dataset" in err
 
 
-def test_eval_help_lists_robust_and_plugin_flags(capsys):
+def _help(capsys, *argv: str) -> tuple[int, str, str]:
     from clip_robust_plugins import cli
 
     with pytest.raises(SystemExit) as exc:
-        cli.main(["eval", "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--mitigation", "--plugin", "--save_predictions", "--feature_cache", "--shapes_correlation", "--erm_head_C"):
+        cli.main(list(argv))
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_eval_help_shows_the_common_flags_and_names_the_topics(capsys):
+    code, out, _ = _help(capsys, "eval", "--help")
+    assert code == 0
+    assert out.startswith("usage: clip_benchmark_robust eval --dataset NAME --model MODEL --pretrained TAG")
+    for flag in ("--dataset", "--model", "--pretrained", "--mitigation", "--split", "--output", "--plugin", "--help-all"):
+        assert f"  {flag}" in out
+    for flag in ("--cfr_epochs", "--shapes_correlation", "--erm_head_C", "--fewshot_k", "--recall_k"):
+        assert flag not in out  # the rest waits for --help-all or --help TOPIC
+    assert "Topics:" in out and "dfr" in out.split("Topics:")[1]
+    assert len(out.splitlines()) < len(_help(capsys, "eval", "--help-all")[1].splitlines()) / 3
+
+
+def test_eval_help_all_groups_every_flag_by_plugin_with_a_heading_per_method(capsys, crp_plugin_manager):
+    code, out, _ = _help(capsys, "eval", "--help-all")
+    assert code == 0
+    lines = out.splitlines()
+    headings = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings[0] == "common flags:" and headings[-1] == "clip_benchmark (other tasks, datasets and models):"
+    registry = crp_plugin_manager.registry
+    for name, spec in registry.mitigations.items():
+        if spec.options is not None:
+            assert f"method {name} (plugin {registry.owner('mitigations', name)}):" in headings
+    for flag in ("--cfr_epochs", "--shapes_correlation", "--erm_head_C", "--fewshot_k", "--ravl_grid", "--seraser_n_aug"):
+        assert sum(line.split()[0] == flag for line in lines if line.strip()) == 1, flag  # listed once
+    # --split and --test_split are one flag; each has its own description now
+    split = next(line for line in lines if line.startswith("  --split SPLIT"))
+    test_split = next(line for line in lines if line.startswith("  --test_split SPLIT"))
+    assert split.split("SPLIT", 1)[1].strip() != test_split.split("SPLIT", 1)[1].strip()
+
+
+def test_eval_help_topic_shows_one_method_or_section(capsys):
+    code, out, _ = _help(capsys, "eval", "--help", "dfr")
+    assert code == 0 and "method dfr (plugin clip_robust_plugins.mitigations.dfr):" in out
+    assert "--dfr_c_grid" in out and "--cfr_epochs" not in out and "--dataset_root" not in out
+    _, out, _ = _help(capsys, "eval", "--help", "clip_ft")
+    assert "--ravl_epochs" in out and "--ravl_influence_threshold" not in out  # clip_ft's own: ravl's fine-tuning
+    _, out, _ = _help(capsys, "eval", "--help", "data")
+    assert "--feature_cache" in out and "--dfr_c_grid" not in out
+    code, _, err = _help(capsys, "eval", "--help", "no_such_topic")
+    assert code == 2 and "no help topic 'no_such_topic'" in err and "dfr" in err
+
+
+def test_an_unknown_flag_prints_the_subcommands_usage(capsys):
+    code, out, err = _help(capsys, "eval", "--no_such_flag", "1")
+    assert code == 2 and out == ""
+    assert err.startswith("usage: clip_benchmark_robust eval ")
+    assert "unrecognized arguments: --no_such_flag 1" in err.strip().splitlines()[-1]
+    code, _, err = _help(capsys, "plugins", "--no_such_flag")
+    assert code == 2 and err.startswith("usage: clip_benchmark_robust plugins")
+
+
+def test_discover_help_lists_only_the_flags_discover_uses(capsys):
+    code, out, _ = _help(capsys, "discover", "--help")
+    assert code == 0
+    for flag in ("--ravl_regions", "--ravl_grid", "--ravl_influence_threshold", "--shapes_correlation", "--split"):
         assert flag in out
-    assert "plugin clip_robust_plugins.datasets.spurious_shapes" in out  # plugin flags grouped by plugin
+    for prefix in ("--dfr_", "--cfr_", "--seraser_", "--erm_head_", "--ravl_epochs", "--ravl_lr"):
+        assert prefix not in out, prefix
+
+
+def test_plugins_prints_a_table_by_the_names_the_cli_takes(run_cli, crp_plugin_manager, monkeypatch):
+    import clip_robust_plugins
+    from clip_robust_plugins import cli
+
+    monkeypatch.setattr(cli, "build_plugin_manager", lambda *a, **k: crp_plugin_manager.pm)
+    rc, out, _ = run_cli("plugins")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["plugin", "version", "registers"]
+    rc, machine, _ = run_cli("plugins", "--json")
+    rows = json.loads(machine)
+    starts = [line.split()[0] for line in lines[1:] if not line.startswith(" ")]
+    assert starts == [r["name"] for r in rows]  # one row per plugin (long ones wrap under "registers")
+    text = " ".join(" ".join(line.split()) for line in lines)
+    version = clip_robust_plugins.__version__
+    assert f"clip_robust_plugins.datasets.spurious_shapes {version} dataset robust/spurious_shapes" in text
+    assert f"clip_robust_plugins.mitigations.dfr {version} methods dfr, dfr_train" in text
+    assert "checkpoint crp-tiny,spurious_shapes" in text  # the name --pretrained_model takes
+    shapes = next(r for r in rows if r["name"] == "clip_robust_plugins.datasets.spurious_shapes")
+    assert shapes["registers"]["datasets"] == ["robust/spurious_shapes"]
 
 
 def test_fitted_state_saves_and_reloads_without_refitting(run_cli, shapes_flags, tmp_path):

@@ -313,23 +313,25 @@ def test_bad_settings_are_rejected():
 
 # ------------------------------------------------------------------ plugin wiring
 def test_registered_through_the_hooks_with_flags():
-    from clip_robust_plugins.plugins import build_plugin_manager, collect_registry
+    from clip_robust_plugins.argtypes import spec_config
+    from clip_robust_plugins.plugins import add_spec_flags, build_plugin_manager, collect_registry
 
     pm = build_plugin_manager(["clip_robust_plugins.mitigations.dfr"], trace=False)
     registry = collect_registry(pm)
     val, train = registry.mitigation("dfr"), registry.mitigation("dfr_train")
     assert val.needs.fit_splits == ("val",) and train.needs.fit_splits == ("train", "val")
     assert val.needs.labels == train.needs.labels == frozenset({"class", "group"})
+    assert (val.options, val.option_prefix) == (train.options, train.option_prefix) == (dfr.DFRConfig, "dfr_")
     parser = argparse.ArgumentParser()
-    dfr.add_arguments(parser.add_argument_group("dfr"))
+    add_spec_flags(parser, registry, kinds=("mitigations",), only=lambda kind, name: name in ("dfr", "dfr_train"))
     defaults = parser.parse_args([])
     assert defaults.dfr_c_grid is None and defaults.dfr_n_fits is None  # flags default to None: the config decides
-    assert val.create(defaults).c_grid == dfr.DEFAULT_C_GRID and val.create(defaults).max_iter == dfr.DEFAULT_MAX_ITER
-    assert val.create(defaults).n_fits == 20 and train.create(defaults).n_fits == 10
+    made = val.create(spec_config(val, defaults))
+    assert made.c_grid == dfr.DEFAULT_C_GRID and made.max_iter == dfr.DEFAULT_MAX_ITER
+    assert made.n_fits == 20 and train.create(spec_config(train, defaults)).n_fits == 10
     opts = parser.parse_args(["--dfr_c_grid", "0.5", "0.05", "--dfr_n_fits", "3", "--dfr_max_iter", "50"])
-    made = val.create(opts)
+    made = val.create(spec_config(val, opts))
     assert (made.c_grid, made.n_fits, made.max_iter) == ((0.5, 0.05), 3, 50)
-    assert train.create(argparse.Namespace()).c_grid == dfr.DEFAULT_C_GRID  # flags absent: defaults
     with pytest.raises(SystemExit):  # a bad value is argparse's one-line error naming the flag
         parser.parse_args(["--dfr_n_fits", "0"])
 

@@ -86,7 +86,7 @@ def test_installed_example_is_discovered_with_version_hooks_and_records(example_
     """Entry-point discovery in a fresh ``clip_benchmark_robust plugins``, beside a broken plugin."""
     (tmp_path / "crp_test_broken_plugin.py").write_text("raise RuntimeError('broken on purpose')\n")
     proc = subprocess.run(
-        [*cli_command(), "plugins", "--plugin", "crp_test_broken_plugin"],
+        [*cli_command(), "plugins", "--json", "--plugin", "crp_test_broken_plugin"],
         capture_output=True, text=True, timeout=300, env=subprocess_env(example_site, tmp_path), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -95,7 +95,7 @@ def test_installed_example_is_discovered_with_version_hooks_and_records(example_
     assert example["version"] == "0.1.0"
     assert example["hooks"] == EXPECTED_HOOKS
     assert example["registers"] == {
-        "datasets": ["example_photos", "example_stripes"],
+        "datasets": ["robust/example_photos", "robust/example_stripes"],
         "metrics": ["example_group_acc_std"],
         "mitigations": ["example_prior_shift"],
         "model_loaders": [],

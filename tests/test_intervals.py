@@ -22,6 +22,7 @@ from clip_robust_plugins.intervals import (
     z_value,
 )
 from clip_robust_plugins.metrics import group_metrics
+from clip_robust_plugins.plugins import PluginError
 from clip_robust_plugins.results import EvalResult, MethodResult
 
 NAMES = ["g0", "g1", "g2", "g3", "g4"]
@@ -199,8 +200,11 @@ def test_add_method_intervals_checks_the_training_counts():
 
 
 def test_interval_config_defaults_and_flags():
-    assert interval_config(argparse.Namespace()).bootstrap_samples == 1000
-    assert interval_config(argparse.Namespace()).ci_level == 0.95
+    unset = argparse.Namespace(bootstrap_samples=None, ci_level=None)  # flags declared, not given
+    assert interval_config(unset).bootstrap_samples == 1000
+    assert interval_config(unset).ci_level == 0.95
+    with pytest.raises(PluginError, match="--ci_level"):  # never declared: an error, not a default
+        interval_config(argparse.Namespace(bootstrap_samples=None))
     cfg = interval_config(argparse.Namespace(bootstrap_samples=50, ci_level=None))
     assert (cfg.bootstrap_samples, cfg.ci_level) == (50, 0.95)
 

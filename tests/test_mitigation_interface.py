@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
@@ -31,7 +29,7 @@ def make_ctx(tiny, root, seed=0) -> RunContext:
     return RunContext(
         dataset=dataset, dataset_name="robust/spurious_shapes", classnames=dataset.classnames,
         templates=dataset.templates, load_model=lambda: tiny, extractor=extractor, registry=None,
-        device="cpu", amp=False, seed=seed, options=argparse.Namespace(), eval_split="test", progress=False,
+        device="cpu", amp=False, seed=seed, eval_split="test", progress=False,
     )
 
 

@@ -202,7 +202,7 @@ def test_plugin_that_fails_to_import_warns_once_and_the_rest_works(cli_run, tmp_
     if how == "raises":
         write_module(tmp_path, module, "raise ImportError('needs a library that is not installed')\n")
         monkeypatch.syspath_prepend(str(tmp_path))
-    rc, out, err, caught = cli_run("plugins", "--plugin", module)
+    rc, out, err, caught = cli_run("plugins", "--json", "--plugin", module)
     assert rc == 0
     assert len(caught) == 1, [str(w.message) for w in caught]
     message = str(caught[0].message)
@@ -216,7 +216,7 @@ def test_plugin_that_fails_to_import_warns_once_and_the_rest_works(cli_run, tmp_
 
 def test_installed_plugin_that_fails_to_import_warns_once(cli_run, fake_site, monkeypatch):
     monkeypatch.delenv(plugins.ENV_ALLOWLIST, raising=False)
-    rc, out, _, caught = cli_run("plugins")
+    rc, out, _, caught = cli_run("plugins", "--json")
     assert rc == 0
     assert len(caught) == 1 and "'fake_broken'" in str(caught[0].message)
     assert "fake_broken cannot start" in str(caught[0].message)
@@ -254,7 +254,7 @@ def test_allow_list_env_var(fake_site, monkeypatch):
 @pytest.mark.parametrize("switch", ["env", "flag", "off"])
 def test_trace_switch_logs_every_hook_call_to_stderr(cli_run, monkeypatch, switch):
     monkeypatch.delenv(plugins.ENV_TRACE, raising=False)
-    argv = ["plugins"]
+    argv = ["plugins", "--json"]
     if switch == "env":
         monkeypatch.setenv(plugins.ENV_TRACE, "1")
     elif switch == "flag":
@@ -281,7 +281,7 @@ def test_trace_switch_logs_every_hook_call_to_stderr(cli_run, monkeypatch, switc
 # ------------------------------------------------------------------------ plugins JSON
 def test_plugins_command_lists_name_version_hooks_registers(cli_run, monkeypatch):
     monkeypatch.setenv(plugins.ENV_ALLOWLIST, "")
-    rc, out, err, caught = cli_run("plugins")
+    rc, out, err, caught = cli_run("plugins", "--json")
     assert rc == 0 and not caught
     rows = json.loads(out)
     by_name = {r["name"]: r for r in rows}
@@ -293,7 +293,7 @@ def test_plugins_command_lists_name_version_hooks_registers(cli_run, monkeypatch
         assert set(row["registers"]) == set(KINDS)
     shapes = by_name["clip_robust_plugins.datasets.spurious_shapes"]
     assert shapes["hooks"] == ["register_datasets"]  # its flags come from DatasetSpec(options=...)
-    assert shapes["registers"]["datasets"] == ["spurious_shapes"]
+    assert shapes["registers"]["datasets"] == ["robust/spurious_shapes"]  # the name the CLI takes
     assert by_name["clip_robust_plugins.mitigations.erm_head"]["registers"]["mitigations"] == ["erm_head"]
 
 
@@ -342,7 +342,7 @@ def test_plugin_flag_loads_a_module_for_one_run_and_its_mitigation_runs(
     assert metrics["test_flip/acc"] == pytest.approx(1.0 - metrics["zeroshot/acc"])
     assert metrics["test_flip/group_count/y:square_a:land"] == 6.0  # 24 test images / 4 groups
     # for one run only: the next command does not know it
-    rc, out, _, _ = cli_run("plugins")
+    rc, out, _, _ = cli_run("plugins", "--json")
     assert rc == 0 and "crp_test_flip_plugin" not in {r["name"] for r in json.loads(out)}
     assert "test_flip" not in plugins.collect_registry(plugins.build_plugin_manager()).mitigations
 

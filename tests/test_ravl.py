@@ -416,6 +416,9 @@ def test_ravl_and_clip_ft_end_to_end_with_state_roundtrip(run_cli, quadrants_fla
         info = methods[name]
         assert info["needs"]["labels"] == ["class"] and info["hyperparameters"]["labels_used"] == ["class"]
         assert info["hyperparameters"]["train_images_seen"] == QSMALL["train_size"]
+    # ravl: train's classes (fine-tuning captions) and val's (discovery); clip_ft: train's only
+    assert methods["ravl"]["labels_used"] == {"labels": "class", "splits": {"train": "class", "val": "class"}}
+    assert methods["clip_ft"]["labels_used"] == {"labels": "class", "splits": {"train": "class"}}
     hp = methods["ravl"]["hyperparameters"]
     assert hp["discovery"]["split"] == "val" and hp["spurious_train_regions"] > 0
     assert set(hp["losses_per_epoch"][0]) == {"loss", "clip", "region_to_label", "label_to_region"}
@@ -503,16 +506,11 @@ def test_token_region_embeddings_follow_the_preprocessing_and_the_towers_head():
 
 def test_ravl_fits_with_crop_regions_too(quadrants_flags):
     """The crop-and-encode region path of the loss (towers without patch tokens, or --ravl_region_features crops)."""
-    from clip_robust_plugins import cli, plugins
+    from test_ravl_mitigation import _context, _create
 
-    pm = plugins.build_plugin_manager()
-    registry = plugins.collect_registry(pm)
-    args = cli.build_parser(pm, registry, "discover").parse_args(
-        ["discover", *quadrants_flags, "--no_feature_cache", "--quiet", "--ravl_region_features", "crops",
-         "--ravl_batch_size", "32", "--ravl_lr", "1e-4"])
-    args.device = "cpu"
-    ctx = ravl.context_from_args(args, registry)
-    method = registry.mitigation("ravl").create(args)
+    ctx, registry, args = _context(quadrants_flags, "--ravl_region_features", "crops", "--ravl_batch_size", "32",
+                                   "--ravl_lr", "1e-4")
+    method = _create(registry, "ravl", args)
     method.fit(ctx)
     hp = method.hyperparameters()
     assert hp["region_features_used"] == "crops" and hp["train_images_seen"] == QSMALL["train_size"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clip_robust_plugins.argtypes import spec_config
 from clip_robust_plugins.datasets.spurious_quadrants import QuadrantsConfig, iter_split
 from clip_robust_plugins.mitigations.ravl.losses import label_to_region_loss, relevant_regions
 from clip_robust_plugins.mitigations.ravl.region_metrics import object_box, region_metrics
@@ -22,15 +23,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch th
 
 
 def _context(flags, *extra):
-    from clip_robust_plugins import cli, plugins
-    from clip_robust_plugins.mitigations.ravl.command import context_from_args
+    """The run context ``eval`` builds (evaluated split: test), its registry and the parsed flags."""
+    from clip_robust_plugins import cli, engine, plugins
 
     pm = plugins.build_plugin_manager()
     registry = plugins.collect_registry(pm)
-    args = cli.build_parser(pm, registry, "discover").parse_args(
-        ["discover", *flags, "--no_feature_cache", "--quiet", *extra])
+    parsed = cli.build_parser(pm, registry, "eval").parse_args(["eval", *flags, "--no_feature_cache", "--quiet", *extra])
+    (args,) = cli.own_runs(parsed)  # one run: the flags' lists become values, as eval runs it
     args.device = "cpu"
-    return context_from_args(args, registry), registry, args
+    return engine.build_context(args, registry, engine.load_dataset(args, registry), "test"), registry, args
+
+
+def _create(registry, name: str, args):
+    """A method as the engine makes it: ``create`` gets the typed config its declared flags parse to."""
+    spec = registry.mitigation(name)
+    return spec.create(spec_config(spec, args))
 
 
 # ----------------------------------------------------------------------------- the loss options
@@ -171,7 +178,7 @@ def test_zeroshot_region_accuracy_by_hand(run_cli, quadrants_flags, tmp_path, qu
 def test_oracle_spurious_regions_are_the_labelled_patches(quadrants_flags):
 
     ctx, registry, args = _context(quadrants_flags, "--ravl_spurious_regions", "oracle", "--ravl_batch_size", "32")
-    method = registry.mitigation("ravl").create(args)
+    method = _create(registry, "ravl", args)
     assert method.feature_plan(ctx, True) == {}  # no discovery: no region features
     method.fit(ctx)
     hp = method.hyperparameters()
@@ -188,11 +195,11 @@ def test_feature_plan_and_check(quadrants_flags, tmp_path):
     from clip_robust_plugins.states import StateError
 
     ctx, registry, args = _context(quadrants_flags)
-    method = registry.mitigation("ravl").create(args)
+    method = _create(registry, "ravl", args)
     plan = method.feature_plan(ctx, True)
     assert [k if isinstance(k, str) else k.name for k in plan["val"]] == ["image", "regions[grid2]"]
     assert [k.name for k in plan["train"]] == ["regions[grid2]"] and method.feature_plan(ctx, False) == {}
-    assert registry.mitigation("clip_ft").create(args).feature_plan(ctx, True) == {}
+    assert _create(registry, "clip_ft", args).feature_plan(ctx, True) == {}
     method.check(ctx)
     assert not ctx.model_loaded
     for extra, error, message in (
@@ -202,8 +209,8 @@ def test_feature_plan_and_check(quadrants_flags, tmp_path):
     ):
         bad_args = argparse.Namespace(**{**vars(args), **{k[2:]: v for k, v in zip(extra[::2], extra[1::2])}})
         with pytest.raises(error, match=message):
-            registry.mitigation("ravl").create(bad_args).check(ctx)
-    ctx.options.model_type, ctx.options.pretrained = "ravl", str(tmp_path / "missing.safetensors")
+            _create(registry, "ravl", bad_args).check(ctx)
+    ctx.model_type, ctx.pretrained = "ravl", str(tmp_path / "missing.safetensors")
     with pytest.raises(StateError, match="not found"):
         method.check(ctx)
 

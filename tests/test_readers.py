@@ -247,12 +247,12 @@ def test_reader_evaluates_end_to_end_with_custom_names(run_cli, tmp_path, tiny_p
 
 
 def test_readers_are_registered_with_their_flags(run_cli):
-    rc, stdout, _ = run_cli("plugins")
+    rc, stdout, _ = run_cli("plugins", "--json")
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(stdout)}
     for name in ("waterbirds", "celeba", "subpop", "imagefolder"):
         row = rows[f"clip_robust_plugins.datasets.{name}"]
-        assert row["registers"]["datasets"] == [name]
+        assert row["registers"]["datasets"] == [f"robust/{name}"]
         assert "add_arguments" not in row["hooks"]  # flags from DatasetSpec(options=...), one config idiom
 
 

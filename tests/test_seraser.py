@@ -189,7 +189,7 @@ def test_zero_steps_is_the_untuned_prompt(crp_tiny_model):
 
 
 def test_mask_views_are_shaped_filled_and_deterministic():
-    provider = MaskViews(ViewOptions(seed=0))
+    provider = MaskViews(ViewOptions(), seed=0)
     assert (provider.n_foreground, provider.n_background) == (1, 1)
     for sample in shape_samples():
         views = provider(sample)
@@ -207,19 +207,19 @@ def test_mask_views_are_shaped_filled_and_deterministic():
 
 def test_augmented_views_depend_on_seed_and_key_only():
     samples = shape_samples(2)
-    provider = AugmentViews(ViewOptions(seed=0))
+    provider = AugmentViews(ViewOptions(), seed=0)
     assert (provider.n_foreground, provider.n_background) == (1, 5)  # raw | raw + 4 strong augmentations
     views = provider(samples[0])
     assert views.foreground[0].tobytes() == samples[0].image.tobytes() == views.background[0].tobytes()
     assert len({v.tobytes() for v in views.background}) == 5
-    assert [v.tobytes() for v in AugmentViews(ViewOptions(seed=0))(samples[0]).background] == [
+    assert [v.tobytes() for v in AugmentViews(ViewOptions(), seed=0)(samples[0]).background] == [
         v.tobytes() for v in views.background]
-    assert [v.tobytes() for v in AugmentViews(ViewOptions(seed=1))(samples[0]).background] != [
+    assert [v.tobytes() for v in AugmentViews(ViewOptions(), seed=1)(samples[0]).background] != [
         v.tobytes() for v in views.background]
-    masked = MaskViews(ViewOptions(seed=0, n_aug=2, n_fg_aug=1))
+    masked = MaskViews(ViewOptions(n_aug=2, n_fg_aug=1), seed=0)
     mv = masked(samples[1])
     assert (len(mv.foreground), len(mv.background)) == (2, 3)
-    assert "seed=0" in masked.config and "seed" not in MaskViews(ViewOptions(seed=0)).config
+    assert "seed=0" in masked.config and "seed" not in MaskViews(ViewOptions(), seed=0).config
 
 
 def test_box_views_and_missing_annotations():

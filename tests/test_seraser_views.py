@@ -69,7 +69,7 @@ def _sample(key: str = "k0") -> SampleImage:
 
 
 def test_authors_views_are_randaugment_seeded_per_sample_and_leave_the_global_rng_alone():
-    provider = AuthorsViews(ViewOptions(seed=0))
+    provider = AuthorsViews(ViewOptions(), seed=0)
     assert (provider.n_foreground, provider.n_background) == (1, 16)  # raw | raw + 15 RandAugment(2) views
     assert "num_ops=2" in provider.config and "n_aug=15" in provider.config and "seed=0" in provider.config
     torch.manual_seed(123)
@@ -79,11 +79,11 @@ def test_authors_views_are_randaugment_seeded_per_sample_and_leave_the_global_rn
     raw = _sample().image.tobytes()
     assert views.foreground[0].tobytes() == raw == views.background[0].tobytes()
     assert len({v.tobytes() for v in views.background[1:]}) > 10 and views.background[1].size == _sample().image.size
-    again = AuthorsViews(ViewOptions(seed=0))(_sample())  # the same sample alone, after other draws
+    again = AuthorsViews(ViewOptions(), seed=0)(_sample())  # the same sample alone, after other draws
     torch.rand(5)
     assert [v.tobytes() for v in again.background] == [v.tobytes() for v in views.background]
     other_key = provider(_sample("k1"))
-    other_seed = AuthorsViews(ViewOptions(seed=1))(_sample())
+    other_seed = AuthorsViews(ViewOptions(), seed=1)(_sample())
     assert [v.tobytes() for v in other_key.background] != [v.tobytes() for v in views.background]
     assert [v.tobytes() for v in other_seed.background] != [v.tobytes() for v in views.background]
     assert AuthorsViews(ViewOptions(n_aug=3)).n_background == 4
@@ -92,7 +92,7 @@ def test_authors_views_are_randaugment_seeded_per_sample_and_leave_the_global_rn
 def test_authors_views_survive_pickling_for_dataloader_workers():
     import pickle
 
-    provider = AuthorsViews(ViewOptions(seed=0))
+    provider = AuthorsViews(ViewOptions(), seed=0)
     first = provider(_sample())
     clone = pickle.loads(pickle.dumps(provider))
     assert [v.tobytes() for v in clone(_sample()).background] == [v.tobytes() for v in first.background]
@@ -136,21 +136,27 @@ def test_boxes_only_shards_resolve_to_boxes_end_to_end(run_cli, tmp_path):
     assert hp["view_provider"] == "boxes" and np.isfinite(hp["loss_last_step_mean"])
 
 
-def test_flags_come_from_the_config_dataclasses():
+def test_flags_come_from_the_config_dataclasses(crp_plugin_manager):
     import argparse
 
-    from clip_robust_plugins.argtypes import config_from_options
+    from clip_robust_plugins.argtypes import spec_config
     from clip_robust_plugins.mitigations import seraser
+    from clip_robust_plugins.plugins import add_spec_flags
 
+    registry = crp_plugin_manager.registry
+    spec, masks = registry.mitigation("seraser"), registry.view_provider("masks")
+    assert (spec.options, spec.option_prefix) == (seraser.SEraserConfig, "seraser_")
+    assert (masks.options, masks.option_prefix, masks.takes_seed) == (seraser.ViewOptions, "seraser_", True)
     parser = argparse.ArgumentParser()
-    seraser.add_arguments(parser)
-    defaults = config_from_options(seraser.SEraserConfig, "seraser_", parser.parse_args([]))
+    add_spec_flags(parser, registry, kinds=("mitigations", "view_providers"),
+                   only=lambda kind, name: registry.owner(kind, name) == "clip_robust_plugins.mitigations.seraser")
+    defaults = spec_config(spec, parser.parse_args([]))
     assert defaults == seraser.SEraserConfig() and defaults.views == "auto" and defaults.logit_scale == 100.0
-    args = parser.parse_args(["--seraser_logit_scale", "model", "--seraser_no_black_view", "--seraser_views", "authors",
+    args = parser.parse_args(["--seraser_logit_scale", "model", "--no-seraser_black_view", "--seraser_views", "authors",
                               "--seraser_randaugment_ops", "3"])
-    config = config_from_options(seraser.SEraserConfig, "seraser_", args)
+    config = spec_config(spec, args)
     assert config.logit_scale == "model" and config.black_view is False and config.views == "authors"
-    assert seraser.view_options(args).randaugment_ops == 3 and seraser.view_options(args).n_aug is None
-    assert config_from_options(seraser.SEraserConfig, "seraser_", parser.parse_args(["--no-seraser_black_view"])).black_view is False
+    # the providers' settings: the method's nested ones are the same flags, read by each provider's own record
+    assert spec_config(masks, args) == config.view_settings == seraser.ViewOptions(randaugment_ops=3)
     with pytest.raises(SystemExit):
         parser.parse_args(["--seraser_logit_scale", "-1"])

@@ -34,6 +34,7 @@ _PUBLIC: dict[str, str] = {
     "Mitigation": "mitigations.base",
     "RunContext": "mitigations.base",
     "LinearHead": "mitigations.linear_head",
+    "MethodContext": "mitigations.base",
     "AdaptedCLIP": "mitigations.adapted",
     # datasets and groups
     "RobustDataset": "datasets.base",
@@ -66,6 +67,7 @@ _PUBLIC: dict[str, str] = {
     "ImageSetKind": "features",
     # flags: one dataclass for a plugin's flags and config
     "option": "argtypes",
+    "nested": "argtypes",
     "add_config_flags": "argtypes",
     "config_from_options": "argtypes",
 }

@@ -1,7 +1,7 @@
 """Flag helpers shared by the plugins: argparse ``type=`` validators (a bad value is argparse's
 one-line usage error naming the flag rather than a failure deep inside a fit), and one
 dataclass per method or dataset that defines both its ``--<prefix><field>`` flags
-(:func:`option`, :func:`add_config_flags`) and its typed config (:func:`config_from_options`)."""
+(:func:`option`, :func:`config_flags`) and its typed config (:func:`config_from_options`)."""
 
 from __future__ import annotations
 
@@ -40,60 +40,46 @@ def fraction(text: str) -> float:
     return value
 
 
-def config_from_options(config_cls: type, prefix: str, options: Any, **explicit: Any) -> Any:
-    """A plugin's config dataclass from its parsed flags.
+class OptionFlag:
+    """One ``--<prefix><field>`` flag of a config dataclass: its ``dest``, argparse keyword
+    arguments and ``declaration`` (the :func:`option` call it came from, the same object for
+    a field a config inherits or nests, so two records sharing a field share the flag)."""
 
-    Each field takes ``--<prefix><field>`` when that flag was given (not None), else the
-    field's default; ``explicit`` values (fields without a flag of that name) win.
-    """
-    defaults = config_cls()
-    values = {}
-    for f in dataclasses.fields(config_cls):
-        if f.name in explicit or not f.init:
-            continue
-        value = getattr(options, f"{prefix}{f.name}", None)
-        if value is None:
-            value = getattr(defaults, f.name)
-        elif isinstance(getattr(defaults, f.name), tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[f.name] = value
-    return config_cls(**values, **explicit)
+    def __init__(self, dest: str, kwargs: dict[str, Any], declaration: Any):
+        self.dest = dest
+        self.kwargs = kwargs
+        self.declaration = declaration
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.dest}"
 
 
-def spec_config(spec: Any, options: Any) -> Any:
-    """The typed config a spec declared with ``options=``/``option_prefix=``, from parsed flags (None when it declares none)."""
-    if getattr(spec, "options", None) is None:
-        return None
-    return config_from_options(spec.options, spec.option_prefix, options)
+def nested(config_cls: type) -> Any:
+    """A config field holding another option dataclass: its flags join the outer config's,
+    under the same prefix (e.g. RaVL's fine-tuning settings inside the ``ravl`` config)."""
+    return dataclasses.field(default_factory=config_cls, metadata={"nested": config_cls})
 
 
-def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None, choices: Any = None,
-           metavar: str | None = None) -> Any:
-    """A config dataclass field that is also a command-line flag (see :func:`add_config_flags`).
-
-    ``help`` says what the setting does; the flag's help appends the default.  ``type``
-    defaults to the type of ``default`` (bools become ``--flag/--no-flag``).
-    """
-    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar}
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("option defaults must be immutable (use a tuple)")
-    return dataclasses.field(default=default, metadata={"flag": meta})
-
-
-def add_config_flags(parser: Any, config_cls: type, prefix: str, topic: str | None = None) -> None:
-    """One ``--<prefix><field>`` flag per :func:`option` field of ``config_cls``.
+def config_flags(config_cls: type, prefix: str, topic: str = "") -> list[OptionFlag]:
+    """The flags of every :func:`option` field of ``config_cls`` (nested configs flattened).
 
     Flags default to None so :func:`config_from_options` can tell "not given" from a value
     and fall back to the dataclass default: the dataclass is the one source of defaults.
+    ``topic`` (if any) starts each help text.
     """
-    topic = topic or prefix.rstrip("_")
+    flags = []
     for f in dataclasses.fields(config_cls):
+        if "nested" in f.metadata:
+            flags += config_flags(f.metadata["nested"], prefix, topic)
+            continue
         meta = f.metadata.get("flag")
         if meta is None:
             continue
         default = f.default
         shown = "none" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
-        kwargs: dict[str, Any] = {"default": None, "help": f"{topic}: {meta['help']} (default: {shown})"}
+        lead = f"{topic}: " if topic else ""
+        kwargs: dict[str, Any] = {"default": None, "help": f"{lead}{meta['help']} (default: {shown})"}
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]
         if meta["metavar"] is not None:
@@ -108,7 +94,79 @@ def add_config_flags(parser: Any, config_cls: type, prefix: str, topic: str | No
                 kwargs["type"] = value_type
             if isinstance(default, tuple):
                 kwargs["nargs"] = "+"
-        parser.add_argument(f"--{prefix}{f.name}", **kwargs)
+        flags.append(OptionFlag(f"{prefix}{f.name}", kwargs, meta))
+    return flags
+
+
+def add_config_flags(parser: Any, config_cls: type, prefix: str, topic: str | None = None) -> None:
+    """One ``--<prefix><field>`` flag per :func:`option` field of ``config_cls`` (see :func:`config_flags`)."""
+    for flag in config_flags(config_cls, prefix, prefix.rstrip("_") if topic is None else topic):
+        parser.add_argument(flag.flag, **flag.kwargs)
+
+
+def config_from_options(config_cls: type, prefix: str, options: Any, *, owner: str | None = None,
+                        **explicit: Any) -> Any:
+    """A plugin's config dataclass from its parsed flags.
+
+    Each :func:`option` field takes ``--<prefix><field>`` when that flag was given (not None),
+    else the field's default; fields without a flag keep their default; ``explicit`` values
+    win.  A flag the parsed namespace does not have at all (a misspelt prefix, or a command
+    that never declared it) is a :class:`~clip_robust_plugins.plugins.PluginError` naming
+    ``owner`` and the flag, never a silent default.
+    """
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        if f.name in explicit or not f.init:
+            continue
+        if "nested" in f.metadata:
+            values[f.name] = config_from_options(f.metadata["nested"], prefix, options, owner=owner)
+            continue
+        if "flag" not in f.metadata:
+            continue
+        dest = f"{prefix}{f.name}"
+        if not hasattr(options, dest):
+            from .plugins import PluginError
+
+            raise PluginError(f"{owner or config_cls.__name__}: reads option --{dest}, which this command does not "
+                              f"declare (a misspelt option_prefix {prefix!r}, or flags never added)")
+        value = getattr(options, dest)
+        if value is None:
+            continue
+        if isinstance(f.default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return config_cls(**values, **explicit)
+
+
+#: how errors and help headings name each kind of record
+RECORD_WORDS = {"DatasetSpec": "dataset", "MitigationSpec": "method", "MetricSpec": "metric",
+                "ViewProviderSpec": "view provider", "RegionProposerSpec": "region proposer"}
+
+
+def record_label(spec: Any) -> str:
+    """``method 'cfr'``, ``dataset 'spurious_shapes'``: a record as errors name it."""
+    return f"{RECORD_WORDS.get(type(spec).__name__, type(spec).__name__)} {spec.name!r}"
+
+
+def spec_config(spec: Any, options: Any) -> Any:
+    """The typed config a record declared with ``options=``/``option_prefix=``, from parsed
+    flags (None when it declares none)."""
+    if getattr(spec, "options", None) is None:
+        return None
+    return config_from_options(spec.options, spec.option_prefix, options, owner=record_label(spec))
+
+
+def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None, choices: Any = None,
+           metavar: str | None = None) -> Any:
+    """A config dataclass field that is also a command-line flag (see :func:`add_config_flags`).
+
+    ``help`` says what the setting does; the flag's help appends the default.  ``type``
+    defaults to the type of ``default`` (bools become ``--flag/--no-flag``).
+    """
+    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("option defaults must be immutable (use a tuple)")
+    return dataclasses.field(default=default, metadata={"flag": meta})
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@
   and the plugins'.  Group datasets (``robust/<name>``, ``wds/<name>`` with ``groups.json``)
   and clip_benchmark's local ``wds/`` classification shards run through our engine; anything
   else through clip_benchmark's own code.
-- ``build``: clip_benchmark's.  ``plugins``: JSON of every plugin.  ``demo``: the offline run.
+- ``build``: clip_benchmark's.  ``plugins``: a table of every plugin (``--json``: the machine form).
+  ``demo``: the offline run of the built-in methods.
 - Subcommands registered by plugins (``register_commands``): ``discover`` (RaVL),
   ``export_wds``, ``report``, and any third party's.
 
@@ -25,14 +26,17 @@ import traceback
 from collections.abc import Sequence
 
 from .argtypes import add_data_flags
+from .cli_help import organise_eval_help, plugins_table
 from .errors import EvalError, one_line
 from .plugins import (
+    BUILTIN_PLUGINS,
     REGISTRY_KINDS,
     PluginError,
     Registry,
     add_plugin_flags,
     add_spec_flags,
     build_plugin_manager,
+    cli_name,
     collect_registry,
     describe_plugins,
     plugin_parent_parser,
@@ -115,16 +119,22 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
     parent = plugin_parent_parser()
     eval_parser = sub.choices["eval"]
     if command in ("eval", "demo"):
+        plugin_group = eval_parser.add_argument_group("plugins")
         for action in parent._actions:
             eval_parser._add_action(action)
+            eval_parser._optionals._group_actions.remove(action)
+            plugin_group._group_actions.append(action)
         add_robust_eval_flags(eval_parser)
         _many_seeds(eval_parser)
         _precision_flags(eval_parser)
         add_plugin_flags(eval_parser, pm)
         add_spec_flags(eval_parser, registry)
+        organise_eval_help(eval_parser)
 
     plugins_parser = sub.add_parser("plugins", parents=[parent], prog=f"{PROG} plugins",
-                                    help="list plugins, their versions, hooks and registrations as JSON")
+                                    help="list plugins, their versions and what they register (--json: everything)")
+    plugins_parser.add_argument("--json", action="store_true",
+                                help="print every plugin's name, version, hooks and registrations as JSON")
     plugins_parser.set_defaults(which="plugins")
     demo_parser = sub.add_parser(
         "demo", prog=f"{PROG} demo", parents=[parent],
@@ -146,10 +156,12 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
 
 
 def plugins_json(pm, registry: Registry) -> list[dict]:
+    """Every plugin with what it registers, by the names the CLI takes (``robust/<dataset>``)."""
     rows = describe_plugins(pm)
     for row in rows:
         row["registers"] = {
-            kind: sorted(name for (k, name), owner in registry.owners.items() if k == kind and owner == row["name"])
+            kind: sorted(cli_name(k, name) for (k, name), owner in registry.owners.items()
+                         if k == kind and owner == row["name"])
             for kind in REGISTRY_KINDS
         }
     return rows
@@ -226,13 +238,16 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and {page}", file=sys.stderr)
         print(page)  # the last line on stdout: where to look
         return 0
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's usage, not the top level's
+        _subparsers(parser).choices.get(command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     which = getattr(args, "which", None)
     if which is None:
         parser.print_help()
         return 0
     if which == "plugins":
-        print(json.dumps(plugins_json(pm, registry), indent=1))
+        rows = plugins_json(pm, registry)
+        print(json.dumps(rows, indent=1) if args.json else plugins_table(rows))
         return 0
     if which == "build":
         import clip_benchmark.cli as cb_cli

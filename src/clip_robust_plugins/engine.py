@@ -55,7 +55,7 @@ from .records import DatasetRequest, MitigationSpec, Predictions
 from .results import EvalResult, MethodResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .mitigations.base import Mitigation, RunContext
+    from .mitigations.base import MethodContext, Mitigation, RunContext
 
 __all__ = [
     "ROBUST_PREFIX", "WDS_PREFIX", "RunPlan", "assemble", "baseline_spec", "build_context", "check",
@@ -203,17 +203,18 @@ class Checked:
 
     ctx: RunContext
     methods: dict[int, dict[str, Mitigation]]  # seed -> method name -> mitigation
+    #: seed -> method name -> the run as that method sees it (its declared splits and labels)
+    views: dict[int, dict[str, MethodContext]]
     dist: Any = None  # distributed.DistInfo under torchrun
 
 
 def use_seed(run: RunPlan, ctx: RunContext, seed: int) -> None:
-    """Point the shared context at one seed (its options and ``ctx.seed``); features stay shared."""
+    """Point the shared context at one seed (``ctx.seed``); features stay shared."""
     ctx.seed = seed
-    ctx.options = run.seed_args[seed]
 
 
 def _create(spec: MitigationSpec, args: argparse.Namespace, label: str) -> Mitigation:
-    config = spec_config(spec, args) if spec.options else args
+    config = spec_config(spec, args)
     with stage(label, "create"):
         return spec.create(config)
 
@@ -231,17 +232,19 @@ def check(run: RunPlan) -> Checked:
             seed_args.device = dist.device
     ctx = build_context(args, run.registry, run.dataset, run.eval_split, run.classnames, run.templates)
     methods: dict[int, dict[str, Mitigation]] = {}
+    views: dict[int, dict[str, MethodContext]] = {}
     for seed in run.seeds:
         use_seed(run, ctx, seed)
-        methods[seed] = {}
+        methods[seed], views[seed] = {}, {}
         for spec in run.specs:
             label = method_label(run.registry, spec)
             methods[seed][spec.name] = mitigation = _create(spec, run.seed_args[seed], label)
+            views[seed][spec.name] = view = ctx.for_method(spec.name, spec.needs)  # each sees what it declared
             with stage(label, "check"):
-                mitigation.check(ctx)
+                mitigation.check(view)
     if any(spec.needs.live_model and spec.name not in run.saved for spec in run.specs):
         ctx.model  # noqa: B018 - a method runs the model itself: build it now, before the passes
-    return Checked(ctx, methods, dist)
+    return Checked(ctx, methods, views, dist)
 
 
 # --------------------------------------------------------------------------- 3. extract
@@ -265,7 +268,7 @@ def feature_plan(run: RunPlan, checked: Checked) -> dict[str, list]:
             for split in (run.eval_split, *(spec.needs.fit_splits if fitting else ())):
                 add(split, spec.needs.feature_kinds)
             with stage(method_label(run.registry, spec), "feature_plan"):
-                planned = methods[spec.name].feature_plan(checked.ctx, fitting)
+                planned = methods[spec.name].feature_plan(checked.views[seed][spec.name], fitting)
             for split, kinds in planned.items():
                 add(split, kinds)
     return feature_passes
@@ -294,7 +297,7 @@ def extract(run: RunPlan, checked: Checked) -> bool:
                 use_seed(run, ctx, seed)
                 for spec in run.specs:
                     if getattr(methods[spec.name], "data_parallel", False) and spec.name not in run.saved:
-                        fit(run, ctx, spec, methods[spec.name])
+                        fit(run, checked.views[seed][spec.name], spec, methods[spec.name])
         return dist.is_main
     return True
 
@@ -320,11 +323,12 @@ def fit(run: RunPlan, ctx: RunContext, spec: MitigationSpec, mitigation: Mitigat
 # --------------------------------------------------------------------------- 5. score
 
 
-def predict(run: RunPlan, ctx: RunContext, spec: MitigationSpec, mitigation: Mitigation):
-    """The method's logits on the evaluated split, checked for shape and finiteness."""
+def predict(run: RunPlan, ctx: RunContext, view: MethodContext, spec: MitigationSpec, mitigation: Mitigation):
+    """The method's logits on the evaluated split (predicted through its ``view``), checked for
+    shape and finiteness."""
     label = method_label(run.registry, spec)
     with stage(label, "predict"):
-        logits = mitigation.predict(ctx, run.eval_split).float().cpu()
+        logits = mitigation.predict(view, run.eval_split).float().cpu()
     eval_fs = ctx.features(run.eval_split)
     if logits.shape != (len(eval_fs), ctx.n_classes):
         raise EvalError(f"{label} returned logits of shape {tuple(logits.shape)}, expected {(len(eval_fs), ctx.n_classes)}")
@@ -354,11 +358,11 @@ def metrics_of(run: RunPlan, ctx: RunContext, preds: Predictions, mitigation: Mi
     return metrics
 
 
-def score(run: RunPlan, ctx: RunContext, spec: MitigationSpec, mitigation: Mitigation, loaded: Any,
-          fit_seconds: float) -> MethodResult:
-    """Predict, compute every metric, and record what the method did."""
+def score(run: RunPlan, ctx: RunContext, view: MethodContext, spec: MitigationSpec, mitigation: Mitigation,
+          loaded: Any, fit_seconds: float) -> MethodResult:
+    """Predict, compute every metric, and record what the method did (and which labels it read)."""
     t1 = time.perf_counter()
-    logits = predict(run, ctx, spec, mitigation)
+    logits = predict(run, ctx, view, spec, mitigation)
     predict_seconds = time.perf_counter() - t1
     eval_fs = ctx.features(run.eval_split)
     pred = logits.argmax(dim=1).numpy()
@@ -370,6 +374,7 @@ def score(run: RunPlan, ctx: RunContext, spec: MitigationSpec, mitigation: Mitig
         info = {
             "plugin": run.registry.owner("mitigations", spec.name),
             "needs": spec.needs.to_json(),
+            "labels_used": view.labels_used() if loaded is None else None,  # None: fitted in another run
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(fit_seconds, 4),
             "state_loaded_from": loaded.path if loaded is not None else None,
@@ -426,8 +431,9 @@ def evaluate_seeds(args: argparse.Namespace, registry: Registry) -> list[EvalRes
     out = []
     for seed in run.seeds:
         use_seed(run, checked.ctx, seed)
-        methods = checked.methods[seed]
-        results = [score(run, checked.ctx, spec, methods[spec.name], *fit(run, checked.ctx, spec, methods[spec.name]))
+        methods, views = checked.methods[seed], checked.views[seed]
+        results = [score(run, checked.ctx, views[spec.name], spec, methods[spec.name],
+                         *fit(run, views[spec.name], spec, methods[spec.name]))
                    for spec in run.specs]
         out.append(assemble(run, checked, results, seed))
     return out

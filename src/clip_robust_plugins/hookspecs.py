@@ -85,9 +85,9 @@ def register_commands(register: Callable) -> None:
 
 @hookspec
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    """Add command-line flags to ``eval`` (and ``demo``), like tox's ``tox_add_option``.
+    """Legacy: add command-line flags to ``eval`` (and ``demo``), like tox's ``tox_add_option``.
 
-    ``parser`` is an argument group titled after the plugin; the parsed values reach
-    datasets and mitigations through ``options``.  Prefix flags with the plugin's topic
-    (``--shapes_train_size``) so they do not collide.
+    New plugins declare ``options=``/``option_prefix=`` on their records instead (one config
+    dataclass; the record receives its typed config).  ``parser`` is an argument group titled
+    after the plugin.  A flag another plugin declares already is one error naming both.
     """

@@ -56,7 +56,7 @@ class IntervalConfig:
 
 
 def interval_config(options: Any) -> IntervalConfig:
-    """The intervals' settings from parsed flags (missing or None flags take the defaults)."""
+    """The intervals' settings from parsed flags (flags not given take the defaults)."""
     from .argtypes import config_from_options
 
     return config_from_options(IntervalConfig, "", options)

@@ -293,26 +293,125 @@ def plugin_parent_parser() -> argparse.ArgumentParser:
     return parent
 
 
+#: a parser's record of who declared each flag: ``flag -> (plugin, record heading or None, declaration)``, and the
+#: flags of each help topic (a method, a dataset, a plugin): ``topic -> [actions]``
+_OWNERS_ATTR, _TOPICS_ATTR = "_crp_flag_owners", "_crp_topics"
+
+
+def flag_owners(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str | None, Any]]:
+    """Who declared each plugin flag of ``parser`` (so a second declaration can name both)."""
+    if not hasattr(parser, _OWNERS_ATTR):
+        setattr(parser, _OWNERS_ATTR, {})
+    return getattr(parser, _OWNERS_ATTR)
+
+
+def help_topics(parser: argparse.ArgumentParser) -> dict[str, tuple[str, list[argparse.Action]]]:
+    """The heading and flags of each plugin topic added to ``parser`` (``eval --help dfr``)."""
+    if not hasattr(parser, _TOPICS_ATTR):
+        setattr(parser, _TOPICS_ATTR, {})
+    return getattr(parser, _TOPICS_ATTR)
+
+
+def _declared_by(parser: argparse.ArgumentParser, flag: str) -> str:
+    entry = flag_owners(parser).get(flag)
+    if entry is None:
+        return f"{parser.prog} itself"
+    plugin, heading, _ = entry
+    return f"plugin {plugin!r}" + (f" ({heading})" if heading else "")
+
+
+def _conflict(parser: argparse.ArgumentParser, flag: str, who: str) -> PluginError:
+    return PluginError(f"flag {flag} is declared twice: by {_declared_by(parser, flag)} and by {who}")
+
+
 def add_plugin_flags(parser: argparse.ArgumentParser, pm: pluggy.PluginManager,
                      only: Callable[[str], bool] | None = None) -> None:
-    """Every plugin's ``add_arguments`` flags, one argument group per plugin (``only`` filters by plugin name)."""
+    """Every plugin's ``add_arguments`` flags, one argument group per plugin (``only`` filters by
+    plugin name).  A flag that exists already is one :class:`PluginError` naming both plugins."""
+    import re
+
     for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
-        if only is None or only(plugin_name):
-            caller(parser=parser.add_argument_group(f"plugin {plugin_name}"))
+        if only is not None and not only(plugin_name):
+            continue
+        group = parser.add_argument_group(f"plugin {plugin_name}")
+        before = set(parser._option_string_actions)
+        who = f"plugin {plugin_name!r}"
+        try:
+            caller(parser=group)
+        except argparse.ArgumentError as exc:
+            found = re.search(r"conflicting option strings?: ([^,\s]+)", str(exc))
+            raise _conflict(parser, found.group(1) if found else str(exc), who) from None
+        except Exception as exc:
+            raise PluginError(f"{who} failed in add_arguments: {type(exc).__name__}: {exc}") from exc
+        for flag in set(parser._option_string_actions) - before:
+            flag_owners(parser)[flag] = (plugin_name, None, None)
+        help_topics(parser)[plugin_name] = (group.title, list(group._group_actions))
 
 
-#: registry tables whose records may declare ``options`` (their flags join ``eval``)
-OPTION_KINDS = ("datasets", "mitigations", "metrics")
+#: registry tables whose records may declare ``options`` (their flags join the commands that use them)
+OPTION_KINDS = ("datasets", "mitigations", "metrics", "view_providers", "region_proposers")
+#: help headings: each record by the name the CLI takes
+_HEADINGS = {"datasets": "dataset robust/{}", "mitigations": "method {}", "metrics": "metric {}",
+             "view_providers": "view provider {}", "region_proposers": "region proposer {}"}
 
 
-def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: Iterable[str] = OPTION_KINDS) -> None:
-    """The flags of every registered record that declares an ``options`` dataclass, one group per record."""
-    from .argtypes import add_config_flags
+def cli_name(kind: str, name: str) -> str:
+    """A record's name as the CLI takes it (datasets are ``robust/<name>``)."""
+    return f"robust/{name}" if kind == "datasets" else name
 
+
+#: ``--help TOPIC`` names of records other than methods and datasets (their names may coincide)
+_TOPIC_PREFIXES = {"metrics": "metric/", "view_providers": "views/", "region_proposers": "regions/"}
+
+
+def help_topic(kind: str, name: str) -> str:
+    """A record's ``--help TOPIC`` name: ``dfr``, ``robust/waterbirds``, ``views/masks``, ``regions/grid``."""
+    return _TOPIC_PREFIXES.get(kind, "") + cli_name(kind, name)
+
+
+def record_heading(kind: str, name: str) -> str:
+    return _HEADINGS.get(kind, f"{kind[:-1].replace('_', ' ')} {{}}").format(name)
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: Iterable[str] = OPTION_KINDS,
+                   only: Callable[[str, str], bool] | None = None) -> None:
+    """The flags of every registered record that declares an ``options`` dataclass, one group
+    (headed ``method dfr``, ``dataset robust/waterbirds``, ...) per record; ``only(kind, name)``
+    filters.  Records of one plugin may share a declaration (the same :func:`option` field,
+    inherited or nested: RaVL's ``ravl`` and ``clip_ft``); any other flag declared twice is one
+    :class:`PluginError` naming both plugins and the flag."""
+    from .argtypes import config_flags
+
+    owners = flag_owners(parser)
     for kind in kinds:
         for name, spec in getattr(registry, kind).items():
-            if spec.options is None:
+            if spec.options is None or (only is not None and not only(kind, name)):
                 continue
-            owner = registry.owner(kind, name)
-            group = parser.add_argument_group(f"{kind[:-1]} {name} (plugin {owner})")
-            add_config_flags(group, spec.options, spec.option_prefix, topic=name)
+            plugin = registry.owner(kind, name)
+            heading = record_heading(kind, name)
+            who = f"plugin {plugin!r} ({heading})"
+            title = f"{heading} (plugin {plugin})"
+            group, actions, shared = None, [], []
+            for flag in config_flags(spec.options, spec.option_prefix):
+                existing = parser._option_string_actions.get(flag.flag)
+                if existing is not None:
+                    first = owners.get(flag.flag)
+                    if first is None or first[0] != plugin or first[2] is not flag.declaration:
+                        raise _conflict(parser, flag.flag, who)
+                    actions.append(existing)
+                    shared.append(flag.flag)
+                    continue
+                if group is None:
+                    group = parser.add_argument_group(title)
+                try:
+                    actions.append(group.add_argument(flag.flag, **flag.kwargs))
+                except argparse.ArgumentError:
+                    raise _conflict(parser, flag.flag, who) from None
+                owners[flag.flag] = (plugin, heading, flag.declaration)
+            if shared:
+                note = f"also reads {', '.join(shared)} (listed under {owners[shared[0]][1]})"
+                if group is None:
+                    group = parser.add_argument_group(title, note)
+                else:
+                    group.description = note
+            help_topics(parser)[help_topic(kind, name)] = (title, actions)

@@ -24,10 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 @dataclass(frozen=True)
 class DatasetRequest:
-    """What a dataset loader is given: where the data lives and the parsed CLI options.
+    """What a dataset loader is given: where the data lives and its own typed config.
 
-    ``options`` holds every eval flag, plugin flags included, so a dataset reads its own
-    (for example ``options.shapes_train_size``).
+    ``config`` is an instance of the spec's ``options`` dataclass (None when it declares
+    none).  ``options`` is the whole parsed namespace, kept only for readers that still
+    declare flags through the legacy ``add_arguments`` hook; new readers use ``config``.
     """
 
     root: str
@@ -95,9 +96,11 @@ class MetricSpec:
 class Needs:
     """What a mitigation needs, declared up front so the engine can plan one extraction pass.
 
-    - ``fit_splits``: splits whose data the fit reads (e.g. ``("val",)`` for DFR).
-    - ``labels``: labels the *fit* uses, a subset of ``{"class", "group"}``; recorded in
-      the results so a reader sees which methods used group annotations.
+    - ``fit_splits``: splits whose data the fit reads (e.g. ``("val",)`` for DFR); the only
+      splits besides the evaluated one whose features the method may read, and the only ones
+      whose labels it may read (enforced by the run context the method is handed).
+    - ``labels``: labels the *fit* uses, a subset of ``{"class", "group"}``; reading a kind
+      not declared is an error, and what was read is recorded as ``labels_used``.
     - ``feature_kinds``: extractor outputs the method reads (``"image"`` = L2-normalised
       image embeddings; later kinds: pre-projection features, views, regions).
     - ``live_model``: the method runs the open_clip model itself (gradients through a
@@ -121,10 +124,13 @@ class Needs:
 
 @dataclass(frozen=True)
 class MitigationSpec:
-    """A mitigation: ``create(options)`` returns a fresh, unfitted :class:`Mitigation`."""
+    """A mitigation: ``create(config)`` returns a fresh, unfitted :class:`Mitigation`.
+
+    ``config`` is an instance of ``options`` (None when the method declares no options).
+    """
 
     name: str
-    create: Callable[[argparse.Namespace], Mitigation]
+    create: Callable[[Any], Mitigation]
     needs: Needs = Needs()
     description: str = ""
     citation: str = ""
@@ -230,18 +236,25 @@ class SampleViews:
 class ViewProviderSpec:
     """Foreground/background views for methods such as SEraser (``--seraser_views NAME``).
 
-    ``create(options)`` returns a picklable callable ``provider(sample) -> SampleViews``
+    ``create(config)`` returns a picklable callable ``provider(sample) -> SampleViews``
     taking a :class:`~clip_robust_plugins.datasets.base.SampleImage` (image, metadata,
     mask).  The provider object must have a ``config`` string attribute naming its
     settings (it enters the feature-cache key) and int attributes ``n_foreground`` and
     ``n_background``, the numbers of views it returns for every sample (views are
     embedded as fixed-size blocks, so the counts are needed before any sample is read).
     A segmenter (e.g. Grounded-SAM) plugs in here as a third-party plugin.
+
+    ``config`` is an instance of ``options`` (flags ``--<option_prefix><field>``, None when
+    none are declared); a provider whose views are random sets ``takes_seed`` and is then
+    called ``create(config, seed=<the run's --seed>)``.
     """
 
     name: str
-    create: Callable[[argparse.Namespace], Callable[[SampleImage], SampleViews]]
+    create: Callable[..., Callable[[SampleImage], SampleViews]]
     description: str = ""
+    options: type | None = None
+    option_prefix: str = ""
+    takes_seed: bool = False
 
 
 #: a region as ``(x0, y0, x1, y1)`` in pixels of the sample image, x1/y1 exclusive
@@ -252,15 +265,18 @@ Box = tuple[int, int, int, int]
 class RegionProposerSpec:
     """Image regions for region-level methods such as RaVL (``--ravl_regions NAME``).
 
-    ``create(options)`` returns a picklable callable ``proposer(sample) -> list[Box]``
+    ``create(config)`` returns a picklable callable ``proposer(sample) -> list[Box]``
     taking a :class:`~clip_robust_plugins.datasets.base.SampleImage`; it must return
     the same number of boxes for every sample, declared up front as an int attribute
     ``count`` (region features are fixed-size (N, count, D) blocks), and carry a
     ``config`` string attribute naming its settings (it enters the feature-cache key).
     Boxes are ``(x0, y0, x1, y1)`` pixels inside the image; a repeated box counts as
-    padding and is ignored by RaVL.
+    padding and is ignored by RaVL.  ``config`` is an instance of ``options`` (flags
+    ``--<option_prefix><field>``; None when none are declared).
     """
 
     name: str
-    create: Callable[[argparse.Namespace], Callable[[SampleImage], Sequence[Box]]]
+    create: Callable[[Any], Callable[[SampleImage], Sequence[Box]]]
     description: str = ""
+    options: type | None = None
+    option_prefix: str = ""

@@ -39,3 +39,10 @@ class EvalResult:
     #: extra files a plugin produced for this run: (name suffix, writer(path)) pairs written
     #: beside the results JSON, all-or-nothing with it (e.g. a method's training-curve plot)
     extra_files: list[tuple[str, Any]] = field(default_factory=list)
+
+
+def labels_used_record(read: dict[str, str]) -> dict[str, Any]:
+    """The results JSON's ``labels_used`` of one method: ``{"labels": "none"|"class"|"group",
+    "splits": {split: "class"|"group"}}`` (the highest kind read, and what was read per split)."""
+    level = "group" if "group" in read.values() else ("class" if read else "none")
+    return {"labels": level, "splits": dict(sorted(read.items()))}

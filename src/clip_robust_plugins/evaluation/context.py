@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..argtypes import spec_config
 from ..errors import stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,8 +79,9 @@ def build_context(args: argparse.Namespace, registry: Registry, dataset: RobustD
         device=args.device,
         amp=args.amp,
         seed=args.seed if isinstance(args.seed, int) else list(args.seed)[0],
-        options=args,
         eval_split=split,
         progress=progress,
+        model_name=args.model, pretrained=args.pretrained, model_type=args.model_type, model_cache_dir=args.model_cache_dir,
+        batch_size=args.batch_size, num_workers=args.num_workers, config_of=lambda spec: spec_config(spec, args),
     )
     return ctx

@@ -1,15 +1,15 @@
 """The mitigation interface: one shape for methods as different as DFR, CFR, SEraser and RaVL.
 
-A mitigation is created unfitted from the CLI options; ``check(ctx)`` tests its
+A mitigation is created unfitted from its own typed config; ``check(ctx)`` tests its
 preconditions before any work; ``fit(ctx)`` reads what it declared in its
-:class:`~clip_robust_plugins.records.Needs` from the :class:`RunContext`; ``predict(ctx,
+:class:`~clip_robust_plugins.records.Needs` from the :class:`MethodContext` it is handed
+(the run's :class:`RunContext` restricted to those splits and labels); ``predict(ctx,
 split)`` returns logits row-aligned with ``ctx.features(split)``.  States are flat dicts of
 tensors (saved with safetensors, never pickled).  Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..datasets.base import RobustDataset
     from ..features import FeatureExtractor, FeatureKind, FeatureSet
     from ..plugins import Registry
+    from ..records import Needs
 
 
 class RunContext:
@@ -34,6 +35,11 @@ class RunContext:
     use of :attr:`model` (or :attr:`transform`, :attr:`tokenizer`): a run whose features and
     zero-shot head are all cached never builds it.  ``registry`` is the run's plugin
     registry (view providers, region proposers, model loaders), handed in, never looked up.
+
+    Run-level settings are plain attributes (``device``, ``amp``, ``seed``, ``model_name``,
+    ``pretrained``, ``model_type``, ``model_cache_dir``, ``batch_size``, ``num_workers``);
+    a registered record's own settings come typed from :meth:`config` (``config_of`` builds
+    them; the engine builds them from the parsed flags; by default, each record's defaults).
     """
 
     def __init__(
@@ -49,9 +55,15 @@ class RunContext:
         device: str,
         amp: bool,
         seed: int,
-        options: argparse.Namespace,
         eval_split: str,
         progress: bool = True,
+        model_name: str = "",
+        pretrained: str = "",
+        model_type: str = "open_clip",
+        model_cache_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        config_of: Callable[[Any], Any] | None = None,
     ):
         self.dataset = dataset
         self.dataset_name = dataset_name
@@ -63,9 +75,15 @@ class RunContext:
         self.device = device
         self.amp = amp
         self.seed = seed
-        self.options = options
         self.eval_split = eval_split
         self.progress = progress
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model_type = model_type
+        self.model_cache_dir = model_cache_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._config_of = config_of
         self._load_model = load_model
         self._model: ModelTriple | None = None
         self._features: dict[tuple[str, str], FeatureSet] = {}
@@ -162,6 +180,28 @@ class RunContext:
             logits = 100.0 * features.to(self.device) @ head
         return logits.float().cpu()
 
+    # -- registered records, each with its own typed config
+    def config(self, spec: Any) -> Any:
+        """The typed config of a registered record (an instance of its ``options``; None without)."""
+        if getattr(spec, "options", None) is None:
+            return None
+        return self._config_of(spec) if self._config_of is not None else spec.options()
+
+    def view_provider(self, name: str) -> Callable:
+        """A new provider of the registered view provider ``name``, made with its typed config."""
+        spec = self.registry.view_provider(name)
+        config = self.config(spec)
+        return spec.create(config, seed=self.seed) if spec.takes_seed else spec.create(config)
+
+    def region_proposer(self, name: str) -> Callable:
+        """A new proposer of the registered region proposer ``name``, made with its typed config."""
+        spec = self.registry.region_proposer(name)
+        return spec.create(self.config(spec))
+
+    def for_method(self, name: str, needs: Needs) -> MethodContext:
+        """This run as method ``name`` sees it: only the splits and labels its ``needs`` declare."""
+        return MethodContext(self, name, needs)
+
     def rng(self, salt: str) -> np.random.Generator:
         """A local numpy generator derived from the run seed and a per-use salt."""
         import numpy as np
@@ -173,6 +213,140 @@ class RunContext:
         import torch
 
         return torch.Generator().manual_seed((self.seed * 1_000_003 + _salt_int(salt)) % (2**63))
+
+
+#: label kinds in the order of what they reveal (``labels_used`` records the highest read per split)
+LABEL_LEVELS = ("none", "class", "group")
+
+
+class MethodContext:
+    """The run context as one method sees it, enforcing its :class:`~clip_robust_plugins.records.Needs`.
+
+    Everything of the :class:`RunContext` is there, except that features (and the dataset's
+    samples) of a split are refused unless the split is the evaluated one or one of
+    ``needs.fit_splits``; class labels (``labels(split)``, ``features(split).y``) only of
+    declared fit splits and when ``"class"`` is declared; group labels (``labels(split,
+    "group")``, ``.group_ids()``, ``.fields``) only when ``"group"`` is declared.  What was
+    read is :meth:`labels_used`, recorded in the results; ``dataset.samples(split)`` records
+    carry every label, so reading a fit split's samples counts as reading the declared labels.
+    """
+
+    def __init__(self, ctx: RunContext, method: str, needs: Needs):
+        self._ctx = ctx
+        self.method = method
+        self.needs = needs
+        self._read: dict[str, str] = {}
+        self.dataset = _SplitGuardedDataset(ctx.dataset, self)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_ctx":  # not yet set (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self._ctx, name)
+
+    def _check_split(self, split: str) -> None:
+        if split != self._ctx.eval_split and split not in self.needs.fit_splits:
+            from ..plugins import PluginError
+
+            raise PluginError(
+                f"method {self.method!r} read split {split!r}, which it does not declare (Needs.fit_splits="
+                f"{tuple(self.needs.fit_splits)}; the evaluated split {self._ctx.eval_split!r} is always readable)")
+
+    def _note_labels(self, split: str, level: str) -> None:
+        from ..plugins import PluginError
+
+        if level not in self.needs.labels:
+            raise PluginError(f"method {self.method!r} read {level} labels (of split {split!r}) but declares "
+                              f"Needs.labels={sorted(self.needs.labels)}")
+        if split not in self.needs.fit_splits:
+            raise PluginError(f"method {self.method!r} read {level} labels of split {split!r}, which is not among its "
+                              f"Needs.fit_splits={tuple(self.needs.fit_splits)}")
+        if LABEL_LEVELS.index(level) > LABEL_LEVELS.index(self._read.get(split, "none")):
+            self._read[split] = level
+
+    def _note_samples(self, split: str) -> None:
+        """A read of ``dataset.samples(split)``: its records carry every label, so a fit split's
+        read counts as reading the labels the method declares (the eval split's: none, unverified)."""
+        self._check_split(split)
+        if split in self.needs.fit_splits:
+            for level in LABEL_LEVELS[1:]:
+                if level in self.needs.labels:
+                    self._note_labels(split, level)
+
+    def features(self, split: str, kind: FeatureKind = "image") -> FeatureSet:
+        self._check_split(split)
+        return _LabelGuardedFeatures(self._ctx.features(split, kind), self, split)
+
+    def prefetch(self, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet]:
+        self._check_split(split)
+        return {k: _LabelGuardedFeatures(fs, self, split) for k, fs in self._ctx.prefetch(split, kinds).items()}
+
+    def labels(self, split: str, which: str = "class", grouping: str | None = None) -> torch.Tensor:
+        """(N,) int64 labels of ``split`` in the order of ``features(split).keys``: the class
+        (``which="class"``) or the group id of ``grouping`` (``which="group"``, default grouping)."""
+        if which not in LABEL_LEVELS[1:]:
+            raise ValueError(f"labels(): which must be 'class' or 'group', got {which!r}")
+        self._check_split(split)
+        self._note_labels(split, which)
+        fs = self._ctx.features(split)
+        if which == "class":
+            return fs.y
+        return fs.group_ids(grouping) if grouping is not None else fs.group_ids()
+
+    def labels_used(self) -> dict[str, Any]:
+        """What this method read: the highest label kind, and per split (none / class / group)."""
+        from ..results import labels_used_record
+
+        return labels_used_record(self._read)
+
+
+class _LabelGuardedFeatures:
+    """A :class:`~clip_robust_plugins.features.FeatureSet` whose labels go through the method's declaration."""
+
+    def __init__(self, fs: FeatureSet, view: MethodContext, split: str):
+        self._fs, self._view, self._split = fs, view, split
+
+    def __len__(self) -> int:
+        return len(self._fs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_fs":
+            raise AttributeError(name)
+        return getattr(self._fs, name)
+
+    @property
+    def y(self) -> torch.Tensor:
+        self._view._note_labels(self._split, "class")
+        return self._fs.y
+
+    @property
+    def fields(self) -> torch.Tensor:
+        self._view._note_labels(self._split, "group")
+        return self._fs.fields
+
+    def group_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._view._note_labels(self._split, "group")
+        return self._fs.group_ids(*args, **kwargs)
+
+
+class _SplitGuardedDataset:
+    """The run's dataset, refusing ``samples()`` of a split the method does not declare
+    (``isinstance`` sees the dataset's own class)."""
+
+    def __init__(self, dataset: RobustDataset, view: MethodContext):
+        self._dataset, self._view = dataset, view
+
+    @property
+    def __class__(self) -> type:  # noqa: D105 - isinstance() against the reader's class
+        return type(self._dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_dataset":
+            raise AttributeError(name)
+        return getattr(self._dataset, name)
+
+    def samples(self, split: str, *args: Any, **kwargs: Any) -> Any:
+        self._view._note_samples(split)
+        return self._dataset.samples(split, *args, **kwargs)
 
 
 def _salt_int(salt: str) -> int:

@@ -8,7 +8,6 @@ scikit-learn and torch are imported when a run fits or predicts, not at registra
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import re
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..argtypes import add_config_flags, at_least, config_from_options, option, positive_float
+from ..argtypes import at_least, option, positive_float
 from ..groups import DEFAULT_GROUPING
 from ..hookspecs import hookimpl
 from ..metrics import worst_group_accuracy
@@ -443,16 +442,10 @@ class DFR(Mitigation):
 
 # --------------------------------------------------------------------------- plugin
 def _create(variant: str):
-    def create(options: argparse.Namespace) -> DFR:
-        config = config_from_options(DFRConfig, "dfr_", options)
+    def create(config: DFRConfig) -> DFR:
         return DFR(variant=variant, c_grid=config.c_grid, n_fits=config.n_fits, max_iter=config.max_iter)
 
     return create
-
-
-@hookimpl
-def add_arguments(parser):
-    add_config_flags(parser, DFRConfig, "dfr_", topic="dfr/dfr_train")
 
 
 @hookimpl
@@ -462,6 +455,8 @@ def register_mitigations(register):
         MitigationSpec(
             name=NAME_VAL,
             create=_create(NAME_VAL),
+            options=DFRConfig,
+            option_prefix="dfr_",
             needs=Needs(fit_splits=("val",), labels=labels),
             description="DFR^Val_Tr: L1 logistic regression on group-balanced val embeddings, C by held-out worst-group acc",
             citation=CITATION,
@@ -471,6 +466,8 @@ def register_mitigations(register):
         MitigationSpec(
             name=NAME_TRAIN,
             create=_create(NAME_TRAIN),
+            options=DFRConfig,
+            option_prefix="dfr_",
             needs=Needs(fit_splits=("train", "val"), labels=labels),
             description="DFR^Tr_Tr: L1 logistic regression on group-balanced train embeddings, C by val worst-group acc",
             citation=CITATION,

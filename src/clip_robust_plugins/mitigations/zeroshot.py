@@ -36,7 +36,7 @@ def register_mitigations(register):
     register(
         MitigationSpec(
             name=NAME,
-            create=lambda options: ZeroShot(),
+            create=lambda config: ZeroShot(),
             needs=Needs(),
             description="zero-shot CLIP with the dataset's class names and templates (the baseline)",
             citation="Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021",

@@ -10,10 +10,8 @@ Protocol, deviations from the authors' code, options and measured results:
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from ...argtypes import add_config_flags, config_from_options
 from ...hookspecs import hookimpl
 from ...lazy import lazy_getattr
 from ...records import MitigationSpec, ModelLoaderSpec, Needs
@@ -63,18 +61,10 @@ def load_cfr_model(model_name: str, pretrained: str, cache_dir: str | None = Non
     return load_model(model_name, pretrained, cache_dir, device, registry=registry)
 
 
-def _create(options: argparse.Namespace):
+def _create(config: CFRConfig):
     from .training import CFR
 
-    return CFR(
-        config_from_options(CFRConfig, "cfr_", options),
-        model_type=getattr(options, "model_type", None) or "open_clip",
-    )
-
-
-@hookimpl
-def add_arguments(parser):
-    add_config_flags(parser, CFRConfig, "cfr_")
+    return CFR(config)
 
 
 @hookimpl
@@ -88,6 +78,8 @@ def register_mitigations(register):
             description="CFR: recalibrate CLIP's image projection contrastively on ERM-misclassified train samples "
                         "(class labels; val group labels only for model selection)",
             citation=CITATION,
+            options=CFRConfig,
+            option_prefix="cfr_",
         )
     )
 

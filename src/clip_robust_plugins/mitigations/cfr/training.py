@@ -59,7 +59,7 @@ class CFR(Mitigation):
 
     def __init__(self, config: CFRConfig | None = None, model_type: str = "open_clip"):
         self.config = config or CFRConfig()
-        #: the base model's ``--model_type``, recorded so the ``cfr`` loader can rebuild it
+        #: the base model's ``--model_type`` (the run's, set in ``check``), recorded so the ``cfr`` loader can rebuild it
         self.model_type = model_type
         self.head_type: str | None = None
         self.head_state: dict[str, torch.Tensor] | None = None  # the selected head's tensors (CPU, float32)
@@ -84,6 +84,9 @@ class CFR(Mitigation):
         if g_val is not None:
             out["val_worst_group_acc"] = round(worst_group_accuracy(pred, y_val, g_val), 6)
         return out
+
+    def check(self, ctx: RunContext) -> None:
+        self.model_type = ctx.model_type
 
     # ---- fitting
 

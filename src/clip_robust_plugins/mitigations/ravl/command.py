@@ -16,9 +16,10 @@ from .split_discovery import discover
 
 
 def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None:
-    """The ``discover`` subcommand: clip_benchmark's flag names, plus every plugin's flags (datasets, ``--ravl_*``)."""
+    """The ``discover`` subcommand: clip_benchmark's flag names, the datasets' flags and RaVL's discovery flags."""
     from ...argtypes import add_data_flags
-    from ...plugins import add_plugin_flags, add_spec_flags
+    from ...plugins import add_plugin_flags
+    from .configs import add_discover_flags
 
     parser.add_argument("--dataset", required=True, help="a group dataset: robust/<name> or wds/<name> with groups.json")
     parser.add_argument("--dataset_root", default="root", help="dataset root, clip_benchmark's templating ({dataset})")
@@ -39,8 +40,9 @@ def add_discover_arguments(parser: argparse.ArgumentParser, command_ctx) -> None
                         help="also run the discovery baselines (random, George, Domino, Distilling Failures) on the "
                              "same regions: precision@10 of each in the JSON, a table and <output>_compare.png")
     add_data_flags(parser)
-    add_plugin_flags(parser, command_ctx.plugin_manager)
-    add_spec_flags(parser, command_ctx.registry)
+    dataset_plugins = {owner for (kind, _), owner in command_ctx.registry.owners.items() if kind == "datasets"}
+    add_plugin_flags(parser, command_ctx.plugin_manager, only=dataset_plugins.__contains__)
+    add_discover_flags(parser, command_ctx.registry)
 
 
 def run_discover_command(args: argparse.Namespace, command_ctx) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ...argtypes import at_least, config_from_options, fraction, option, positive_float
+from ...argtypes import at_least, config_from_options, fraction, nested, option, positive_float
 
 NAME = "ravl"
 BASELINE = "clip_ft"
@@ -24,14 +24,26 @@ SPURIOUS_REGIONS = ("discovered", "oracle")
 
 
 @dataclass(frozen=True)
-class RegionConfig:
-    """Which regions discovery and the loss use (``--ravl_regions`` and its proposers' settings)."""
+class GridOptions:
+    """The ``grid`` region proposer's setting."""
 
-    regions: str = option("quadrants", "region proposer (quadrants, grid, boxes, or a plugin's)")
     grid: int = option(3, "N of the 'grid' proposer (N x N boxes)", type=at_least(1))
+
+
+@dataclass(frozen=True)
+class BoxesOptions:
+    """The ``boxes`` region proposer's settings."""
+
     boxes_key: str = option("regions", "sample-json key holding the 'boxes' proposer's boxes")
     max_boxes: int = option(4, "boxes per image for the 'boxes' proposer (padded by repeating the last)",
                             type=at_least(1))
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Which regions discovery and the loss use (``--ravl_regions``; each proposer has its own settings)."""
+
+    regions: str = option("quadrants", "region proposer (quadrants, grid, boxes, or a plugin's)", metavar="NAME")
     truth_key: str = option("spurious_box", "sample-json key of the labelled spurious box(es): precision@10, the "
                                             "validity check and --ravl_spurious_regions oracle only")
 
@@ -83,13 +95,31 @@ class FineTuneConfig:
     spurious_regions: str = option("discovered", "which train regions are spurious: the top discovered cluster's, "
                                                  "or (diagnostic only) the labelled ones of --ravl_truth_key",
                                    choices=SPURIOUS_REGIONS)
+@dataclass(frozen=True)
+class RavlConfig:
+    """The ``ravl`` mitigation's settings: fine-tuning (shared with ``clip_ft``), discovery and regions,
+    all ``--ravl_*`` flags."""
+
+    finetune: FineTuneConfig = nested(FineTuneConfig)
+    discovery: DiscoveryConfig = nested(DiscoveryConfig)
+    regions: RegionConfig = nested(RegionConfig)
+
+
+# the ``discover`` command reads its settings from its parsed flags (RegionConfig and DiscoveryConfig's)
 def region_config(options: argparse.Namespace) -> RegionConfig:
-    return config_from_options(RegionConfig, PREFIX, options)
+    return config_from_options(RegionConfig, PREFIX, options, owner="discover")
 
 
 def discovery_config(options: argparse.Namespace) -> DiscoveryConfig:
-    return config_from_options(DiscoveryConfig, PREFIX, options)
+    return config_from_options(DiscoveryConfig, PREFIX, options, owner="discover")
 
 
-def finetune_config(options: argparse.Namespace) -> FineTuneConfig:
-    return config_from_options(FineTuneConfig, PREFIX, options)
+def add_discover_flags(parser: argparse.ArgumentParser, registry) -> None:
+    """``discover``'s own ``--ravl_*`` flags (regions, discovery), the region proposers' and the datasets'."""
+    from ...argtypes import add_config_flags
+    from ...plugins import add_spec_flags
+
+    group = parser.add_argument_group("RaVL discovery")
+    add_config_flags(group, RegionConfig, PREFIX, topic="")
+    add_config_flags(group, DiscoveryConfig, PREFIX, topic="")
+    add_spec_flags(parser, registry, kinds=("datasets", "region_proposers"))

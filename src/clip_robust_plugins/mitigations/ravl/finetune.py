@@ -3,7 +3,6 @@ pairs, with RaVL's region terms for ``ravl`` (protocol and deviations: docs/meth
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -23,10 +22,10 @@ from ...features import FeatureCache, FeatureExtractor
 from ...states import StateError
 from ..base import Mitigation, RunContext
 from . import data_parallel
-from .configs import BASELINE, CITATION, NAME, DiscoveryConfig, FineTuneConfig
+from .configs import BASELINE, CITATION, NAME, DiscoveryConfig, FineTuneConfig, RegionConfig
 from .loader import apply_state, load_init_model, split_state
 from .losses import clip_loss, label_to_region_loss, parse_caption_labels, region_to_label_loss, relevant_regions
-from .proposers import make_proposer, region_kind
+from .proposers import proposer_for, region_kind
 from .split_discovery import DiscoveryRun, RegionMeta, discover
 from .training import batched, caption_table, logits_with_head, own_zeroshot_head, shuffled
 from .views import TrainViews, encode_with_token_regions, region_feature_mode
@@ -46,12 +45,12 @@ class RegionAwareFineTune(Mitigation):
     data_parallel = True
 
     def __init__(self, method: str, config: FineTuneConfig, discovery: DiscoveryConfig | None = None,
-                 options: argparse.Namespace | None = None, model_type: str = "open_clip"):
+                 regions: RegionConfig | None = None, model_type: str = "open_clip"):
         self.method = method
         self.region_aware = method == NAME
         self.config = config
         self.discovery_config = discovery or DiscoveryConfig()
-        self.options = options or argparse.Namespace()
+        self.regions = regions or RegionConfig()
         self.model_type = model_type
         self.visual_state: dict[str, torch.Tensor] | None = None
         #: with --ravl_init: the start model's parameters outside the image tower (text tower, ...)
@@ -66,7 +65,7 @@ class RegionAwareFineTune(Mitigation):
 
     @property
     def truth_key(self) -> str:
-        return getattr(self.options, "ravl_truth_key", None) or "spurious_box"
+        return self.regions.truth_key
 
     # ---- before any work
 
@@ -77,24 +76,24 @@ class RegionAwareFineTune(Mitigation):
         if "train" not in splits:
             raise ValueError(f"needs a train split, but {ctx.dataset_name} has {list(splits)}")
         if self.region_aware:
-            make_proposer(self.options, ctx.registry)  # an unknown proposer fails here
+            proposer_for(ctx, self.regions.regions)  # an unknown proposer fails here
             split = self.config.discovery_split
             if self.config.spurious_regions == "discovered" and split not in splits:
                 raise ValueError(f"--ravl_discovery_split {split!r}: {ctx.dataset_name} has no such split "
                                  f"(splits: {list(splits)})")
         if self.config.init is not None and _looks_like_file(self.config.init) and not os.path.isfile(self.config.init):
             raise ValueError(f"--ravl_init {self.config.init}: no such file")
-        model_type = getattr(ctx.options, "model_type", None)
+        model_type = self.model_type = ctx.model_type
         if model_type in (NAME, BASELINE):
-            state = read_state(ctx.options.pretrained)  # a missing or foreign file is a StateError, now
+            state = read_state(ctx.pretrained)  # a missing or foreign file is a StateError, now
             if state.method != model_type:
-                raise StateError(f"{ctx.options.pretrained}: a state of method {state.method!r}, not {model_type!r} "
+                raise StateError(f"{ctx.pretrained}: a state of method {state.method!r}, not {model_type!r} "
                                  f"(--model_type {model_type})")
 
     def feature_plan(self, ctx: RunContext, fitting: bool) -> Mapping[str, Sequence[Any]]:
         if not fitting or not self.region_aware or self.config.spurious_regions == "oracle":
             return {}
-        _, proposer = make_proposer(self.options, ctx.registry)
+        _, proposer = proposer_for(ctx, self.regions.regions)
         kind = region_kind(proposer)
         split = self.config.discovery_split
         if split == "train":
@@ -109,7 +108,7 @@ class RegionAwareFineTune(Mitigation):
         proposer = None
         dp = data_parallel.current()
         if self.region_aware:
-            proposer_name, proposer = make_proposer(self.options, ctx.registry)
+            proposer_name, proposer = proposer_for(ctx, self.regions.regions)
             if dp is not None and not dp.is_main:  # rank 0 finds the spurious train regions, once
                 self.train_spurious = dp.broadcast_object(None)
             elif cfg.spurious_regions == "oracle":
@@ -148,7 +147,7 @@ class RegionAwareFineTune(Mitigation):
             "labels_used": ["class"] + (["regions (oracle)"] if self.region_aware and cfg.spurious_regions == "oracle"
                                         else []),
             "trained": "model.visual (every parameter); text tower and logit scale frozen",
-            "start_checkpoint": cfg.init if cfg.init is not None else f"{getattr(ctx.options, 'pretrained', None)} "
+            "start_checkpoint": cfg.init if cfg.init is not None else f"{ctx.pretrained} "
                                                                        "(the evaluated model)",
             "loss": ("(1 - w) L_CLIP + w (L_R + L_A)" if self.region_aware else "L_CLIP"),
             "losses_per_epoch": history,
@@ -318,6 +317,7 @@ class RegionAwareFineTune(Mitigation):
                               "model_type": self.model_type, **asdict(self.config)}
         if self.region_aware:
             hp["discovery_config"] = asdict(self.discovery_config)
+            hp["region_config"] = asdict(self.regions)
         else:
             for key in _RAVL_ONLY:
                 hp.pop(key)

@@ -15,10 +15,10 @@ def load_init_model(ctx: RunContext, checkpoint: str) -> torch.nn.Module:
     it must have the evaluated model's architecture (same parameter names and shapes)."""
     loader = ctx.registry.model_loader("open_clip").bind(ctx.registry)
     try:
-        model = loader(model_name=ctx.options.model, pretrained=checkpoint,
-                       cache_dir=getattr(ctx.options, "model_cache_dir", None), device=ctx.device)[0]
+        model = loader(model_name=ctx.model_name, pretrained=checkpoint, cache_dir=ctx.model_cache_dir,
+                       device=ctx.device)[0]
     except (RuntimeError, FileNotFoundError) as exc:
-        raise ValueError(f"--ravl_init {checkpoint}: cannot load it for --model {ctx.options.model}: "
+        raise ValueError(f"--ravl_init {checkpoint}: cannot load it for --model {ctx.model_name}: "
                          f"{str(exc).splitlines()[0]}") from None
     want = {k: tuple(v.shape) for k, v in ctx.model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}

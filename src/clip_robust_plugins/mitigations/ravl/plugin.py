@@ -6,50 +6,39 @@ Torch-free at import: every implementation module is imported inside the callabl
 
 from __future__ import annotations
 
-import argparse
-
-from ...argtypes import add_config_flags
 from ...hookspecs import hookimpl
 from ...records import CommandSpec, MetricSpec, MitigationSpec, ModelLoaderSpec, Needs, RegionProposerSpec
-from .configs import (
-    BASELINE,
-    CITATION,
-    NAME,
-    PREFIX,
-    DiscoveryConfig,
-    FineTuneConfig,
-    RegionConfig,
-    discovery_config,
-    finetune_config,
-    region_config,
-)
+from .configs import BASELINE, CITATION, NAME, PREFIX, BoxesOptions, FineTuneConfig, GridOptions, RavlConfig
 
 
-def _create(method: str):
-    def create(options: argparse.Namespace):
-        from .finetune import RegionAwareFineTune
+def _create_ravl(config: RavlConfig):
+    from .finetune import RegionAwareFineTune
 
-        return RegionAwareFineTune(method, finetune_config(options),
-                                   discovery_config(options) if method == NAME else None, options,
-                                   model_type=getattr(options, "model_type", None) or "open_clip")
-
-    return create
+    return RegionAwareFineTune(NAME, config.finetune, config.discovery, config.regions)
 
 
-def _grid(n_from_options):
-    def create(options: argparse.Namespace):
-        from .proposers import GridProposer
+def _create_clip_ft(config: FineTuneConfig):
+    from .finetune import RegionAwareFineTune
 
-        return GridProposer(n_from_options(options))
-
-    return create
+    return RegionAwareFineTune(BASELINE, config)
 
 
-def _boxes(options: argparse.Namespace):
+def _quadrants(config: None):
+    from .proposers import GridProposer
+
+    return GridProposer(2)
+
+
+def _grid(config: GridOptions):
+    from .proposers import GridProposer
+
+    return GridProposer(config.grid)
+
+
+def _boxes(config: BoxesOptions):
     from .proposers import BoxesProposer
 
-    cfg = region_config(options)
-    return BoxesProposer(cfg.boxes_key, cfg.max_boxes)
+    return BoxesProposer(config.boxes_key, config.max_boxes)
 
 
 def _region_metric(preds, *, ctx, mitigation):
@@ -80,26 +69,19 @@ def _run_discover(args, command_ctx):
 
 
 @hookimpl
-def add_arguments(parser):
-    add_config_flags(parser, RegionConfig, PREFIX, "ravl/discover")
-    add_config_flags(parser, DiscoveryConfig, PREFIX, "ravl/discover")
-    add_config_flags(parser, FineTuneConfig, PREFIX, "ravl")
-
-
-@hookimpl
 def register_region_proposers(register):
-    register(RegionProposerSpec("quadrants", _grid(lambda options: 2),
-                                "the four quadrants of each image (RaVL's synthetic setting)"))
-    register(RegionProposerSpec("grid", _grid(lambda options: region_config(options).grid),
-                                "an N x N grid of equal boxes (--ravl_grid N)"))
+    register(RegionProposerSpec("quadrants", _quadrants, "the four quadrants of each image (RaVL's synthetic setting)"))
+    register(RegionProposerSpec("grid", _grid, "an N x N grid of equal boxes (--ravl_grid N)",
+                                options=GridOptions, option_prefix=PREFIX))
     register(RegionProposerSpec("boxes", _boxes,
-                                "boxes from each sample's json (--ravl_boxes_key, padded to --ravl_max_boxes)"))
+                                "boxes from each sample's json (--ravl_boxes_key, padded to --ravl_max_boxes)",
+                                options=BoxesOptions, option_prefix=PREFIX))
 
 
 @hookimpl
 def register_mitigations(register):
     register(MitigationSpec(
-        name=NAME, create=_create(NAME),
+        name=NAME, create=_create_ravl, options=RavlConfig, option_prefix=PREFIX,
         # region kinds depend on --ravl_regions: feature_plan() asks for them (val: image + regions; train: regions)
         needs=Needs(fit_splits=("train", "val"), labels=frozenset({"class"}), feature_kinds=(), live_model=True),
         description="RaVL: region-level discovery of the learned spurious feature on val (class labels only), then "
@@ -107,7 +89,8 @@ def register_mitigations(register):
         citation=CITATION,
     ))
     register(MitigationSpec(
-        name=BASELINE, create=_create(BASELINE),
+        # the fine-tuning flags are ravl's (the same declarations, listed once under ravl)
+        name=BASELINE, create=_create_clip_ft, options=FineTuneConfig, option_prefix=PREFIX,
         needs=Needs(fit_splits=("train",), labels=frozenset({"class"}), feature_kinds=(), live_model=True),
         description="plain fine-tuning of the image tower with the CLIP loss on train image-caption pairs "
                     "(RaVL's comparison; same --ravl_* training flags)",

@@ -107,14 +107,26 @@ def region_kind(proposer: Callable):
                         config=proposer.config)
 
 
-def make_proposer(options: argparse.Namespace, registry) -> tuple[str, Callable]:
-    """The region proposer named by ``--ravl_regions`` (a registered one, built-in or third party)."""
+def checked_proposer(name: str, proposer: Any) -> tuple[str, Callable]:
+    """``(name, proposer)`` once the proposer has the attributes RaVL relies on."""
     from ...plugins import PluginError
 
-    name = getattr(options, "ravl_regions", None) or "quadrants"
-    spec = registry.region_proposer(name)
-    proposer = spec.create(options)
     if not isinstance(getattr(proposer, "count", None), int) or proposer.count < 1 or not hasattr(proposer, "config"):
         raise PluginError(f"region proposer {name!r} must have an int attribute 'count' (boxes per image, >= 1) "
                           f"and a string attribute 'config'")
     return name, proposer
+
+
+def proposer_for(ctx: Any, name: str) -> tuple[str, Callable]:
+    """The registered region proposer ``name`` (built-in or third party), made with its own typed config."""
+    return checked_proposer(name, ctx.region_proposer(name))
+
+
+def make_proposer(options: argparse.Namespace, registry) -> tuple[str, Callable]:
+    """The region proposer named by ``--ravl_regions`` in the ``discover`` command's parsed flags."""
+    from ...argtypes import spec_config
+    from .configs import region_config
+
+    name = region_config(options).regions
+    spec = registry.region_proposer(name)
+    return checked_proposer(name, spec.create(spec_config(spec, options)))

@@ -10,9 +10,6 @@ Protocol, deviations, costs and results: ``docs/methods/seraser.md``.
 
 from __future__ import annotations
 
-import argparse
-
-from ...argtypes import add_config_flags, config_from_options
 from ...hookspecs import hookimpl
 from ...lazy import lazy_getattr
 from ...records import MitigationSpec, Needs, ViewProviderSpec
@@ -25,52 +22,44 @@ from .config import (  # noqa: F401 - re-exported
     SEraserConfig,
     SEraserError,
     ViewOptions,
-    view_options,
 )
 
 
 def _provider(name: str):
-    def create(options: argparse.Namespace):
+    def create(config: ViewOptions, seed: int):
         from . import views
 
-        return views.make_provider(name, view_options(options))
+        return views.make_provider(name, config, seed)
 
     return create
 
 
-def _create(options: argparse.Namespace):
+def _create(config: SEraserConfig):
     from .method import SEraser
 
-    return SEraser(config_from_options(SEraserConfig, "seraser_", options))
+    return SEraser(config)
+
+
+def _view_provider(name: str, description: str) -> ViewProviderSpec:
+    # the flags are SEraserConfig's nested view settings (the same declarations: listed once, under seraser)
+    return ViewProviderSpec(name, _provider(name), description, options=ViewOptions, option_prefix="seraser_",
+                            takes_seed=True)
 
 
 @hookimpl
 def register_view_providers(register):
-    register(ViewProviderSpec(
-        "masks", _provider("masks"),
-        "the dataset's foreground masks: object on a neutral fill / background with the object filled",
+    register(_view_provider(
+        "masks", "the dataset's foreground masks: object on a neutral fill / background with the object filled",
     ))
-    register(ViewProviderSpec(
-        "boxes", _provider("boxes"), "the dataset's object boxes used as masks (the authors' box variant)",
+    register(_view_provider("boxes", "the dataset's object boxes used as masks (the authors' box variant)"))
+    register(_view_provider(
+        "augment", "no segmenter: the raw image as foreground, it and geometric+cutout augmentations of it as "
+        "background (the authors' no-SAM augmentation, 4 views)",
     ))
-    register(ViewProviderSpec(
-        "augment", _provider("augment"),
-        "no segmenter: the raw image as foreground, it and geometric+cutout augmentations of it as background "
-        "(the authors' no-SAM augmentation, 4 views)",
-    ))
-    register(ViewProviderSpec(
-        "authors", _provider("authors"),
+    register(_view_provider(
+        "authors",
         "no segmenter: the raw image as foreground, it and 15 torchvision RandAugment(num_ops=2) views as background",
     ))
-
-
-@hookimpl
-def add_arguments(parser):
-    add_config_flags(parser, SEraserConfig, "seraser_")
-    add_config_flags(parser, ViewOptions, "seraser_")
-    # the flag's name before the config dataclass made it --no-seraser_black_view
-    parser.add_argument("--seraser_no_black_view", dest="seraser_black_view", action="store_false", default=None,
-                        help=argparse.SUPPRESS)
 
 
 @hookimpl
@@ -86,6 +75,8 @@ def register_mitigations(register):
             # the paper's 20 steps at lr 5e-4 leave the tiny model's predictions unchanged; this
             # schedule was chosen on spurious_shapes' val split (docs/methods/seraser.md)
             demo_flags=("--seraser_lr", "1e-2", "--seraser_steps", "100"),
+            options=SEraserConfig,
+            option_prefix="seraser_",
         )
     )
 

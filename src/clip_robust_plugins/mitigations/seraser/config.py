@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ...argtypes import at_least, config_from_options, option, positive_float
+from ...argtypes import at_least, nested, option, positive_float
 from ...errors import EvalError
 
 NAME = "seraser"
@@ -47,6 +47,35 @@ def _scale(text: str) -> float | str:
 
 
 @dataclass(frozen=True)
+class ViewOptions:
+    """Settings of the built-in view providers (``--seraser_n_aug`` etc.); the run's ``--seed``
+    is handed to the providers separately."""
+
+    n_aug: int | None = option(None, "augmentations added to the background views (default per provider: "
+                               "0 masks/boxes, 4 augment, 15 authors)", type=at_least(0))
+    n_fg_aug: int = option(0, "augmentations added to the foreground views", type=at_least(0))
+    fg_fill: str = option("black", "masks/boxes: fill around the object in foreground views", choices=FG_FILLS)
+    bg_fill: str = option("mean", "masks/boxes: fill of the object in background views (mean: the mean colour "
+                          "of the image's background pixels)", choices=BG_FILLS)
+    randaugment_ops: int = option(2, "authors views: torchvision RandAugment num_ops", type=at_least(1))
+    randaugment_magnitude: int = option(9, "authors views: torchvision RandAugment magnitude (0-30)",
+                                        type=at_least(0))
+
+    def __post_init__(self) -> None:
+        if (self.n_aug is not None and self.n_aug < 0) or self.n_fg_aug < 0:
+            raise ValueError("seraser: augmentation counts must be >= 0")
+        if self.fg_fill not in FG_FILLS:
+            raise ValueError(f"seraser: foreground fill must be one of {FG_FILLS}, got {self.fg_fill!r}")
+        if self.bg_fill not in BG_FILLS:
+            raise ValueError(f"seraser: background fill must be one of {BG_FILLS}, got {self.bg_fill!r}")
+        if not 0 <= self.randaugment_magnitude <= 30 or self.randaugment_ops < 1:
+            raise ValueError("seraser: RandAugment needs num_ops >= 1 and a magnitude in 0..30")
+
+    def n_aug_for(self, provider: str) -> int:
+        return DEFAULT_N_AUG[provider] if self.n_aug is None else self.n_aug
+
+
+@dataclass(frozen=True)
 class SEraserConfig:
     """Settings of the test-time tuning (defaults: the paper's; ``docs/methods/seraser.md``)."""
 
@@ -71,6 +100,9 @@ class SEraserConfig:
                                       "logit_scale.exp())", type=_scale)
     black_view: bool = option(True, "add the all-black image to the background views")
     cpu_threads: int = option(1, "torch threads while tuning on a CPU (0: torch's own setting)", type=at_least(0))
+    #: the built-in view providers' settings (their flags are listed with SEraser's; a provider
+    #: is made with them through its own registration, see ``ViewProviderSpec.options``)
+    view_settings: ViewOptions = nested(ViewOptions)
 
     def __post_init__(self) -> None:
         if self.fg_loss not in FG_LOSSES:
@@ -83,36 +115,3 @@ class SEraserConfig:
             raise ValueError(f"seraser: class prompt {self.class_prompt!r} has no '{{c}}'")
         if self.logit_scale != MODEL_SCALE and not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
             raise ValueError(f"seraser: logit scale must be positive or 'model', got {self.logit_scale!r}")
-
-
-@dataclass(frozen=True)
-class ViewOptions:
-    """Settings of the built-in view providers (``--seraser_n_aug`` etc.)."""
-
-    n_aug: int | None = option(None, "augmentations added to the background views (default per provider: "
-                               "0 masks/boxes, 4 augment, 15 authors)", type=at_least(0))
-    n_fg_aug: int = option(0, "augmentations added to the foreground views", type=at_least(0))
-    fg_fill: str = option("black", "masks/boxes: fill around the object in foreground views", choices=FG_FILLS)
-    bg_fill: str = option("mean", "masks/boxes: fill of the object in background views (mean: the mean colour "
-                          "of the image's background pixels)", choices=BG_FILLS)
-    randaugment_ops: int = option(2, "authors views: torchvision RandAugment num_ops", type=at_least(1))
-    randaugment_magnitude: int = option(9, "authors views: torchvision RandAugment magnitude (0-30)",
-                                        type=at_least(0))
-    seed: int = 0  # the run's --seed (no flag of its own)
-
-    def __post_init__(self) -> None:
-        if (self.n_aug is not None and self.n_aug < 0) or self.n_fg_aug < 0:
-            raise ValueError("seraser: augmentation counts must be >= 0")
-        if self.fg_fill not in FG_FILLS:
-            raise ValueError(f"seraser: foreground fill must be one of {FG_FILLS}, got {self.fg_fill!r}")
-        if self.bg_fill not in BG_FILLS:
-            raise ValueError(f"seraser: background fill must be one of {BG_FILLS}, got {self.bg_fill!r}")
-        if not 0 <= self.randaugment_magnitude <= 30 or self.randaugment_ops < 1:
-            raise ValueError("seraser: RandAugment needs num_ops >= 1 and a magnitude in 0..30")
-
-    def n_aug_for(self, provider: str) -> int:
-        return DEFAULT_N_AUG[provider] if self.n_aug is None else self.n_aug
-
-
-def view_options(options: argparse.Namespace) -> ViewOptions:
-    return config_from_options(ViewOptions, "seraser_", options, seed=int(getattr(options, "seed", 0) or 0))

@@ -49,10 +49,9 @@ class SEraser(Mitigation):
         if self.provider is not None:
             return
         resolved = resolve_views(self.config.views, ctx.dataset, ctx.dataset_name, ctx.eval_split)
-        spec = ctx.registry.view_provider(resolved.name)
-        self.provider = spec.create(ctx.options)
-        self.provider_name = spec.name
-        self.provider_plugin = ctx.registry.owner("view_providers", spec.name)
+        self.provider = ctx.view_provider(resolved.name)
+        self.provider_name = resolved.name
+        self.provider_plugin = ctx.registry.owner("view_providers", resolved.name)
         self.provider_reason = resolved.reason
 
     def feature_plan(self, ctx: RunContext, fitting: bool) -> Mapping[str, Sequence[Any]]:
@@ -160,7 +159,8 @@ class SEraser(Mitigation):
     def hyperparameters(self) -> dict[str, Any]:
         return {
             "method": "SEraser (Ma et al., arXiv 2403.00376)",
-            **asdict(self.config),
+            # the views' settings are in view_provider_config (the built-ins' nested settings, when they apply)
+            **{k: v for k, v in asdict(self.config).items() if k != "view_settings"},
             "view_provider": self.provider_name,
             "view_provider_reason": self.provider_reason,
             "view_provider_plugin": self.provider_plugin,

@@ -67,28 +67,29 @@ def strong_augment(image: Image.Image, rng: np.random.Generator, n_ops: int = 1)
     return image
 
 
-def _views_config(options: ViewOptions, n_aug: int, **extra: Any) -> str:
+def _views_config(options: ViewOptions, seed: int, n_aug: int, **extra: Any) -> str:
     """The provider's cache-key string; the seed only where views are random."""
     fields = {**extra, "n_aug": n_aug, "n_fg_aug": options.n_fg_aug}
     if n_aug + options.n_fg_aug:
-        fields["seed"] = options.seed
+        fields["seed"] = seed
     return ",".join(f"{k}={v}" for k, v in fields.items())
 
 
 class MaskViews:
     """``masks`` / ``boxes``: foreground and background from the dataset's mask or box."""
 
-    def __init__(self, options: ViewOptions, source: str = "mask"):
+    def __init__(self, options: ViewOptions, source: str = "mask", seed: int = 0):
         if source not in ("mask", "box"):
             raise ValueError(f"seraser: unknown mask source {source!r}")
         self.options = options
         self.source = source
+        self.seed = seed
         self.n_aug = options.n_aug_for("masks" if source == "mask" else "boxes")
         self.n_foreground = 1 + options.n_fg_aug
         self.n_background = 1 + self.n_aug
         aug = {"aug_ops": MASK_AUG_OPS} if self.n_aug + options.n_fg_aug else {}
         self.config = ("masks:" if source == "mask" else "boxes:") + _views_config(
-            options, self.n_aug, fg_fill=options.fg_fill, bg_fill=options.bg_fill, **aug
+            options, seed, self.n_aug, fg_fill=options.fg_fill, bg_fill=options.bg_fill, **aug
         )
 
     def _mask(self, sample: SampleImage) -> np.ndarray:
@@ -129,7 +130,7 @@ class MaskViews:
             bg_fill = np.array(GRAY_RGB, dtype=np.float32)
         fg = Image.fromarray(np.rint(np.where(mask, pixels, fg_fill)).astype(np.uint8), mode="RGB")
         bg = Image.fromarray(np.rint(np.where(mask, bg_fill, pixels)).astype(np.uint8), mode="RGB")
-        rng = sample_rng(o.seed, sample.key, "seraser/views")
+        rng = sample_rng(self.seed, sample.key, "seraser/views")
         fgs = [fg] + [strong_augment(fg, rng, MASK_AUG_OPS) for _ in range(o.n_fg_aug)]
         bgs = [bg] + [strong_augment(bg, rng, MASK_AUG_OPS) for _ in range(self.n_aug)]
         return SampleViews(tuple(fgs), tuple(bgs))
@@ -138,17 +139,18 @@ class MaskViews:
 class AugmentViews:
     """``augment`` (no segmenter): the raw image as foreground; it and strong augmentations of it as background."""
 
-    def __init__(self, options: ViewOptions):
+    def __init__(self, options: ViewOptions, seed: int = 0):
         self.options = options
+        self.seed = seed
         self.n_aug = options.n_aug_for("augment")
         self.n_foreground = 1 + options.n_fg_aug
         self.n_background = 1 + self.n_aug
-        self.config = "augment:" + _views_config(options, self.n_aug, aug_ops=AUGMENT_OPS, cutout="authors")
+        self.config = "augment:" + _views_config(options, seed, self.n_aug, aug_ops=AUGMENT_OPS, cutout="authors")
 
     def __call__(self, sample: SampleImage) -> SampleViews:
         o = self.options
         raw = sample.image.convert("RGB")
-        rng = sample_rng(o.seed, sample.key, "seraser/views")
+        rng = sample_rng(self.seed, sample.key, "seraser/views")
         fgs = [raw] + [strong_augment(raw, rng, AUGMENT_OPS) for _ in range(o.n_fg_aug)]
         bgs = [raw] + [strong_augment(raw, rng, AUGMENT_OPS) for _ in range(self.n_aug)]
         return SampleViews(tuple(fgs), tuple(bgs))
@@ -164,13 +166,14 @@ class AuthorsViews:
     generator's state is restored afterwards (CUDA generators are never touched).
     """
 
-    def __init__(self, options: ViewOptions):
+    def __init__(self, options: ViewOptions, seed: int = 0):
         self.options = options
+        self.seed = seed
         self.n_aug = options.n_aug_for("authors")
         self.n_foreground = 1 + options.n_fg_aug
         self.n_background = 1 + self.n_aug
         self.config = "authors:" + _views_config(
-            options, self.n_aug, randaugment=f"torchvision(num_ops={options.randaugment_ops},"
+            options, seed, self.n_aug, randaugment=f"torchvision(num_ops={options.randaugment_ops},"
             f"magnitude={options.randaugment_magnitude})",
         )
         self._augment = None
@@ -187,20 +190,20 @@ class AuthorsViews:
             self._augment = RandAugment(num_ops=o.randaugment_ops, magnitude=o.randaugment_magnitude)
         raw = sample.image.convert("RGB")
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(o.seed, sample.key, "seraser/authors"))
+            torch.default_generator.manual_seed(sample_seed(self.seed, sample.key, "seraser/authors"))
             fgs = [raw] + [self._augment(raw) for _ in range(o.n_fg_aug)]
             bgs = [raw] + [self._augment(raw) for _ in range(self.n_aug)]
         return SampleViews(tuple(fgs), tuple(bgs))
 
 
-def make_provider(name: str, options: ViewOptions) -> Callable[[SampleImage], SampleViews]:
-    """A built-in provider by name."""
+def make_provider(name: str, options: ViewOptions, seed: int = 0) -> Callable[[SampleImage], SampleViews]:
+    """A built-in provider by name; ``seed`` (the run's) draws the random views."""
     if name in ("masks", "boxes"):
-        return MaskViews(options, "mask" if name == "masks" else "box")
+        return MaskViews(options, "mask" if name == "masks" else "box", seed)
     if name == "augment":
-        return AugmentViews(options)
+        return AugmentViews(options, seed)
     if name == "authors":
-        return AuthorsViews(options)
+        return AuthorsViews(options, seed)
     raise ValueError(f"seraser: no built-in view provider {name!r}")
 
 
