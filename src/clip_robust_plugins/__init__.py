@@ -33,6 +33,7 @@ _PUBLIC: dict[str, str] = {
     # mitigations
     "Mitigation": "mitigations.base",
     "RunContext": "mitigations.base",
+    "LinearHead": "mitigations.linear_head",
     "AdaptedCLIP": "mitigations.adapted",
     # datasets and groups
     "RobustDataset": "datasets.base",

@@ -295,9 +295,11 @@ def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: I
     from .argtypes import add_config_flags
 
     for kind in kinds:
+        shared: dict[tuple[type, str], list[str]] = {}  # one dataclass under one prefix: one set of flags
         for name, spec in getattr(registry, kind).items():
-            if spec.options is None:
-                continue
-            owner = registry.owner(kind, name)
-            group = parser.add_argument_group(f"{kind[:-1]} {name} (plugin {owner})")
-            add_config_flags(group, spec.options, spec.option_prefix, topic=name)
+            if spec.options is not None:
+                shared.setdefault((spec.options, spec.option_prefix), []).append(name)
+        for (options, prefix), names in shared.items():
+            owner = registry.owner(kind, names[0])
+            group = parser.add_argument_group(f"{kind[:-1]} {'/'.join(names)} (plugin {owner})")
+            add_config_flags(group, options, prefix, topic="/".join(names))
