@@ -85,6 +85,11 @@ class LinearHead(Mitigation):
     needs_every_class: ClassVar[bool] = False
     #: the grouping whose group ids ``fit_head`` and :meth:`split_data` see
     grouping: ClassVar[str] = DEFAULT_GROUPING
+    #: read the fit split's group labels (None: when ``needs.labels`` has "group"); False for
+    #: methods that use group labels only to select hyperparameters on another split
+    fit_split_groups: ClassVar[bool | None] = None
+    #: the dtype of the features handed to ``fit_head`` (float32 halves the memory at CelebA scale)
+    dtype: ClassVar[str] = "float64"
 
     def __init__(self, config: Any = None, **overrides: Any):
         if self.Config is not None:
@@ -98,7 +103,7 @@ class LinearHead(Mitigation):
         self.scaler_mean: torch.Tensor | None = None  # (D,) float64, when standardize
         self.scaler_scale: torch.Tensor | None = None
         self.scaler = None  # the fitted sklearn StandardScaler, during and after fit
-        self.chosen: dict[str, Any] = {}  # hyperparameters chosen during the fit (see choose())
+        self.chosen: dict[str, Any] = {}  # hyperparameters chosen during the fit, and on which split (choose())
         self.info: dict[str, Any] = {}  # anything else the fit reports
         self._labels_read: dict[str, set[str]] = {}
         for key in self.state_scalars:
@@ -126,8 +131,9 @@ class LinearHead(Mitigation):
         return self.needs.fit_splits[0]
 
     def split_data(self, ctx: RunContext, split: str, groups: bool | None = None):
-        """``(x float64 (N, D), y int64 (N,), groups int64 (N,) or None)`` of ``split``.
+        """``(x (N, D) in :attr:`dtype`, y int64 (N,), groups int64 (N,) or None)`` of ``split``.
 
+        ``x`` may share memory with the cached features: never write to it.
         Group ids are read only when ``groups`` is true (default: when the method declared
         group labels); what was read is recorded in the hyperparameters (``labels_read``).
         """
@@ -136,7 +142,7 @@ class LinearHead(Mitigation):
         if groups is None:
             groups = "group" in self.needs.labels
         fs = ctx.features(split)
-        x = fs.features.numpy().astype(np.float64)
+        x = fs.features.numpy().astype(self.dtype, copy=False)
         y = fs.y.numpy().astype(np.int64)
         g = fs.group_ids(self.grouping).numpy().astype(np.int64) if groups else None
         self._labels_read.setdefault(split, set()).update({"class", "group"} if groups else {"class"})
@@ -150,10 +156,9 @@ class LinearHead(Mitigation):
         """Logits of a candidate head (``class_rows`` form) on raw features ``x``."""
         return self.transform(x) @ coef.T + intercept
 
-    def choose(self, key: str, value: Any, split: str, table: list[dict[str, Any]], by: str = "worst_group_acc") -> Any:
-        """Record a hyperparameter chosen on ``split`` (``table``: every candidate's score)."""
-        self.chosen[key] = {"value": value, "chosen_on": split, "by": by, "candidates": table}
-        return value
+    def choose(self, chosen: dict[str, Any], split: str, table: list[dict[str, Any]], by: str = "worst_group_acc") -> None:
+        """Record hyperparameters chosen on ``split`` (``table``: every candidate with its score)."""
+        self.chosen = {"chosen": chosen, "chosen_on": split, "chosen_by": by, "candidates": table}
 
     # -------------------------------------------------------------------- fit
     def fit_head(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, ctx: RunContext):
@@ -170,7 +175,7 @@ class LinearHead(Mitigation):
                 UserWarning, stacklevel=2,
             )
         self.chosen, self.info, self._labels_read = {}, {}, {}
-        x, y, g = self.split_data(ctx, self.fit_split)
+        x, y, g = self.split_data(ctx, self.fit_split, groups=self.fit_split_groups)
         classes = np.unique(y)
         missing = [ctx.classnames[c] for c in np.setdiff1d(np.arange(ctx.n_classes), classes)]
         if missing and self.needs_every_class:
