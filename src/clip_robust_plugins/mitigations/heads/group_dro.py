@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...argtypes import at_least, option, positive_float
+from ...argtypes import at_least, fraction, option, positive_float
 from ...hookspecs import hookimpl
 from ...records import Needs
 from .common import RobustHead
@@ -22,7 +22,9 @@ class GroupDROConfig:
 
     eta: float = option(1e-2, "step size of the exponentiated group weights (SubpopBench's default)", type=positive_float)
     steps: int = option(500, "full-batch steps", type=at_least(1))
-    lr: float = option(1e-2, "Adam learning rate of the head", type=positive_float)
+    lr_scale: float = option(1.0, "learning rate as a multiple of 1/L (L: a bound on the loss's curvature)",
+                             type=positive_float)
+    momentum: float = option(0.9, "Nesterov momentum of the full-batch SGD steps", type=fraction)
     l2: float = option(1e-4, "L2 penalty (weight decay) on the head's weights", type=float)
 
 
@@ -43,9 +45,12 @@ class GroupDROHead(RobustHead):
         c = self.config
         names = ctx.schema.group_names(self.grouping)
         W, b, info = group_dro(self.transform(x), y, groups, ctx.n_classes, len(names),
-                               eta=c.eta, l2=c.l2, steps=c.steps, lr=c.lr)
+                               eta=c.eta, l2=c.l2, steps=c.steps, lr_scale=c.lr_scale,
+                               momentum=c.momentum)
         self.info = {
-            "optimizer": "Adam, full batch",
+            "optimizer": "SGD with Nesterov momentum, full batch",
+            "curvature_bound": round(info["curvature_bound"], 6),
+            "lr": info["lr"],
             "group_weights": dict(zip(names, [round(v, 6) for v in info["group_weights"]], strict=True)),
             "final_group_losses": dict(zip(names, info["final_group_losses"], strict=True)),
         }

@@ -93,6 +93,31 @@ def fit_softmax(
     return W.detach().double().numpy(), b.detach().double().numpy(), info
 
 
+def curvature_bound(zt, gt, n_groups: int, iterations: int = 100) -> float:
+    """An upper bound on the curvature of any q-weighted mix of group mean cross-entropies:
+    ``0.5 * max_g lambda_max([Z_g, 1]^T [Z_g, 1] / n_g)`` (softmax CE's Hessian in the logits is
+    at most 1/2), each eigenvalue by power iteration from a fixed start (deterministic)."""
+    import torch
+
+    bound = 0.0
+    for g in range(n_groups):
+        zg = zt[gt == g]
+        if len(zg) == 0:
+            continue
+        zg = torch.cat([zg, torch.ones(len(zg), 1)], dim=1)
+        v = torch.ones(zg.shape[1]) / zg.shape[1] ** 0.5
+        lam = 0.0
+        for _ in range(iterations):
+            u = zg.T @ (zg @ v) / len(zg)
+            new = float(u.norm())
+            v = u / new
+            if abs(new - lam) <= 1e-7 * new:
+                break
+            lam = new
+        bound = max(bound, 0.5 * new)
+    return bound
+
+
 def group_dro(
     z: np.ndarray,
     y: np.ndarray,
@@ -103,48 +128,53 @@ def group_dro(
     eta: float = 1e-2,
     l2: float = 1e-4,
     steps: int = 500,
-    lr: float = 1e-2,
+    lr_scale: float = 1.0,
+    momentum: float = 0.9,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """GroupDRO (Sagawa et al. 2020, Algorithm 1) with full-batch steps.
 
     Each step: per-group mean cross-entropies ``L_g`` of the present groups;
-    ``q_g <- q_g exp(eta L_g)``, renormalised; one Adam step (``lr``) on
-    ``sum_g q_g L_g + l2 / 2 |W|^2``.  ``q`` starts uniform over the present groups (absent
-    groups keep weight 0).  Returns ``(W, b, {"group_weights", "group_losses", ...})``.
+    ``q_g <- q_g exp(eta L_g)``, renormalised; one Nesterov SGD step on
+    ``sum_g q_g L_g + l2 / 2 |W|^2`` with learning rate ``lr_scale / L`` (``L``: the
+    :func:`curvature_bound` plus ``l2``, so the step is stable whatever the features' scale).
+    ``q`` starts uniform over the present groups (absent groups keep weight 0).
+    Returns ``(W, b, {"group_weights", "final_group_losses", "curvature_bound", "lr"})``.
     """
     import torch
 
     zt, yt = _tensors(z, y)
     gt = torch.from_numpy(np.asarray(groups, dtype=np.int64))
-    counts = torch.bincount(gt, minlength=n_groups).float()
+    counts = torch.bincount(gt, minlength=n_groups).double()
     present = counts > 0
     q = present.double() / present.sum()
     W = torch.zeros(n_classes, zt.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.Adam([W, b], lr=lr)
-    safe_counts = counts.clamp(min=1)
     with threads_for(zt.numpy()):
-        W, b, q, group_losses = _group_dro_steps(zt, yt, gt, q, W, b, opt, safe_counts, eta, l2, steps)
+        bound = curvature_bound(zt, gt, n_groups) + l2
+        lr = lr_scale / bound
+        opt = torch.optim.SGD([W, b], lr=lr, momentum=momentum, nesterov=momentum > 0)
+        W, b, q, group_losses = _group_dro_steps(zt, yt, gt, q, W, b, opt, counts.clamp(min=1), eta, l2, steps)
     info = {
         "group_weights": q.tolist(),
         "final_group_losses": [round(float(v), 6) for v in group_losses.detach()],
-        "steps": steps,
+        "curvature_bound": bound,
+        "lr": lr,
     }
     return W.detach().double().numpy(), b.detach().double().numpy(), info
 
 
-def _group_dro_steps(zt, yt, gt, q, W, b, opt, safe_counts, eta, l2, steps):
+def _group_dro_steps(zt, yt, gt, q, W, b, opt, counts, eta, l2, steps):
     import torch
 
-    n_groups = safe_counts.numel()
+    n_groups = counts.numel()
     group_losses = torch.zeros(n_groups)
     for _ in range(steps):
         opt.zero_grad()
         ce = torch.nn.functional.cross_entropy(torch.addmm(b, zt, W.T), yt, reduction="none")
-        group_losses = torch.zeros(n_groups).index_add_(0, gt, ce) / safe_counts
-        q = q * torch.exp(eta * group_losses.detach().double())
+        group_losses = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gt, ce.double()) / counts
+        q = q * torch.exp(eta * group_losses.detach())
         q = q / q.sum()
-        loss = (q.float() * group_losses).sum() + 0.5 * l2 * (W * W).sum()
+        loss = (q * group_losses).sum() + 0.5 * l2 * (W.double() ** 2).sum()
         loss.backward()
         opt.step()
     return W, b, q, group_losses
