@@ -196,7 +196,7 @@ def hand_run_group_dro(z, y, g, n_groups, eta, l2, steps, lr, momentum=0.9):
 
 def test_group_dro_weights_and_head_equal_a_hand_run_update(world):
     ctx = FakeContext(world)
-    head = group_dro.GroupDROHead(steps=12, eta=0.5)
+    head = group_dro.GroupDROHead(steps=12, every=12, eta=0.5, l2=(1e-4,))
     head.fit(ctx)
     z, _ = standardized(world["train"])
     z = z.astype(np.float64)
@@ -209,15 +209,37 @@ def test_group_dro_weights_and_head_equal_a_hand_run_update(world):
     W, b, q = hand_run_group_dro(z, y, g, 4, eta=0.5, l2=1e-4, steps=12, lr=hp["lr"])
     assert list(hp["group_weights"].values()) == pytest.approx(q.tolist(), rel=1e-4)
     assert abs(q - 0.25).max() > 0.01  # the weights really moved
-    assert np.allclose(head.coef.numpy(), np.stack([W[0], W[1]]), atol=1e-4)
-    assert np.allclose(head.intercept.numpy(), b, atol=1e-4)
-    assert hp["labels_read"] == {"train": ["class", "group"]} and hp["eta"] == 0.5
+    assert np.allclose(head.coef.numpy(), W, atol=1e-4) and np.allclose(head.intercept.numpy(), b, atol=1e-4)
+    assert hp["labels_read"] == {"train": ["class", "group"], "val": ["class", "group"]} and hp["eta"] == 0.5
+
+
+def test_group_dro_trains_every_l2_at_once_and_stops_where_val_is_best(world):
+    ctx = FakeContext(world)
+    head = group_dro.GroupDROHead(steps=40, every=10, l2=(1e-4, 0.5))
+    head.fit(ctx)
+    hp = head.hyperparameters()
+    z, scaler = standardized(world["train"])
+    y, g = world["train"].y.numpy(), world["train"].group_ids().numpy()
+    zv, _ = standardized(world["val"], scaler)
+    yv, gv = world["val"].y.numpy(), world["val"].group_ids().numpy()
+    table = []
+    for steps in (10, 20, 30, 40):  # each (l2, step) candidate rerun alone, from scratch
+        for l2 in (1e-4, 0.5):
+            W, b, _ = hand_run_group_dro(z.astype(np.float64), y, g, 4, eta=0.01, l2=l2, steps=steps,
+                                         lr=1 / (hp["curvature_bound"]))
+            table.append({"l2": l2, "step": steps, "worst_group_acc": worst_group_accuracy(np.argmax(zv @ W.T + b, 1), yv, gv)})
+    assert [(r["l2"], r["step"]) for r in hp["candidates"]] == [(r["l2"], r["step"]) for r in table]
+    assert [r["worst_group_acc"] for r in hp["candidates"]] == pytest.approx([r["worst_group_acc"] for r in table], abs=0.02)
+    first_best = max(hp["candidates"], key=lambda r: r["worst_group_acc"])
+    assert hp["chosen"] == {"l2": first_best["l2"], "step": first_best["step"]} and hp["chosen_on"] == "val"
+    assert (head.l2_chosen, head.step_chosen) == (first_best["l2"], first_best["step"])
 
 
 def test_group_dro_skips_empty_groups():
     train = make_split(np.random.default_rng(4), (50, 0, 10, 50))
-    head = group_dro.GroupDROHead(steps=3)
-    head.fit(FakeContext({"train": train}))
+    val = make_split(np.random.default_rng(5), (10, 10, 10, 10))
+    head = group_dro.GroupDROHead(steps=3, l2=(1e-4,))
+    head.fit(FakeContext({"train": train, "val": val}))
     weights = head.hyperparameters()["group_weights"]
     assert weights["y:c0_a:a1"] == 0.0 and sum(weights.values()) == pytest.approx(1.0)
 

@@ -92,15 +92,11 @@ class AFRHead(RobustHead):
         W1, b1, _ = fit_softmax(z[first], y[first], n_classes, l2=c.stage1_l2, max_iter=c.max_iter)
         z2, y2 = z[second], y[second]
         logits1 = z2 @ W1.T + b1
-        candidates = []
-        for gamma in c.gamma:
-            weights = afr_weights(logits1, y2, gamma, c.rebalance)
-            start = None
-            for reg in sorted(c.reg, reverse=True):  # strongest pull first, each fit warm-starts the next
-                W, b, _ = fit_softmax(z2, y2, n_classes, weights=weights, l2=2.0 * reg, anchor=(W1, b1), init=start,
-                                      max_iter=c.max_iter)
-                start = (W, b)
-                candidates.append(({"gamma": gamma, "reg": reg}, W, b))
+        grid = [{"gamma": gamma, "reg": reg} for gamma in c.gamma for reg in c.reg]
+        weights = np.stack([afr_weights(logits1, y2, p["gamma"], c.rebalance) for p in grid])
+        W, b, _ = fit_softmax(z2, y2, n_classes, weights=weights, l2=[2.0 * p["reg"] for p in grid],
+                              anchor=(W1, b1), max_iter=c.max_iter)
+        candidates = [(params, W[k], b[k]) for k, params in enumerate(grid)]
         best, table = self.score_candidates(ctx, candidates, np.unique(y))
         params, W, b = candidates[best]
         self.gamma_chosen, self.reg_chosen = params["gamma"], params["reg"]

@@ -59,18 +59,16 @@ class JTTHead(RobustHead):
         c, n_classes = self.config, ctx.n_classes
         z = self.transform(x)
         classes = np.unique(y)
-        candidates, error_sets = [], {}
-        for l2_1 in c.stage1_l2:
-            W1, b1, _ = fit_softmax(z, y, n_classes, l2=l2_1, max_iter=c.max_iter)
-            wrong = np.argmax(z @ W1.T + b1, axis=1) != y
-            error_sets[l2_1] = {"size": int(wrong.sum()),
-                                "per_class": np.bincount(y[wrong], minlength=n_classes).tolist()}
-            start = None
-            for lam in c.lambda_up:  # a convex refit per lambda, warm-started from the previous one
-                W, b, _ = fit_softmax(z, y, n_classes, weights=jtt_weights(wrong, lam), l2=c.l2, init=start,
-                                      max_iter=c.max_iter)
-                start = (W, b)
-                candidates.append(({"stage1_l2": l2_1, "lambda_up": lam}, W, b))
+        # stage 1, every penalty at once; then stage 2, every (penalty, lambda_up) at once
+        W1, b1, _ = fit_softmax(z, y, n_classes, weights=np.ones((len(c.stage1_l2), len(y))), l2=c.stage1_l2,
+                                max_iter=c.max_iter)
+        wrong = {l2_1: np.argmax(z @ W1[k].T + b1[k], axis=1) != y for k, l2_1 in enumerate(c.stage1_l2)}
+        error_sets = {l2_1: {"size": int(w.sum()), "per_class": np.bincount(y[w], minlength=n_classes).tolist()}
+                      for l2_1, w in wrong.items()}
+        grid = [{"stage1_l2": l2_1, "lambda_up": lam} for l2_1 in c.stage1_l2 for lam in c.lambda_up]
+        weights = np.stack([jtt_weights(wrong[p["stage1_l2"]], p["lambda_up"]) for p in grid])
+        W, b, _ = fit_softmax(z, y, n_classes, weights=weights, l2=[c.l2] * len(grid), max_iter=c.max_iter)
+        candidates = [(params, W[k], b[k]) for k, params in enumerate(grid)]
         best, table = self.score_candidates(ctx, candidates, classes)
         params, W, b = candidates[best]
         self.lambda_up_chosen, self.stage1_l2_chosen = params["lambda_up"], params["stage1_l2"]
