@@ -127,11 +127,13 @@ def run_size(n_train: int, n_eval: int, dim: int, methods: list[str], registry) 
             logits = method.predict(ctx, "test")
         t2 = time.perf_counter()
         pred = logits.argmax(1).numpy()
+        hp = method.hyperparameters()
         rows[name] = {
             "fit_seconds": round(t1 - t0, 3), "fit_peak_rss_increase_mb": fit_mem.increase_mb,
             "predict_seconds": round(t2 - t1, 3), "predict_peak_rss_increase_mb": predict_mem.increase_mb,
             "test_worst_group_acc": round(worst_group_accuracy(pred, y, g), 4),
             "test_acc": round(float((pred == y).mean()), 4),
+            "chosen": hp.get("chosen", {"C": hp["C"]} if "C" in hp else None),
         }
         print(f"{n_train:>7} x {dim}  {name:<20} fit {rows[name]['fit_seconds']:8.2f} s  "
               f"+{rows[name]['fit_peak_rss_increase_mb']:7.1f} MB  predict {rows[name]['predict_seconds']:.3f} s  "

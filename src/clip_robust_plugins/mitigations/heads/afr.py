@@ -59,7 +59,7 @@ class AFRConfig:
     stage1_fraction: float = option(0.8, "fraction of train for stage 1 (the rest reweights)", type=fraction)
     stage1_l2: float = option(1e-4, "stage-1 L2 penalty", type=float)
     rebalance: bool = option(True, "class-rebalance the stage-2 weights (the authors' default)")
-    max_iter: int = option(200, "L-BFGS iteration cap per fit", type=at_least(1))
+    max_iter: int = option(500, "L-BFGS iteration cap (all candidates are fitted in one run)", type=at_least(1))
 
 
 class AFRHead(RobustHead):

@@ -28,8 +28,8 @@ class GroupDROConfig:
     eta: float = option(1e-2, "step size of the exponentiated group weights (SubpopBench's default)", type=positive_float)
     l2: tuple[float, ...] = option((1e-4, 1e-2, 1e-1, 1.0), "L2 penalties to choose from on val (all trained at once)",
                                    type=float, metavar="L2")
-    steps: int = option(500, "full-batch steps", type=at_least(1))
-    every: int = option(25, "score the heads on val every this many steps (early stopping)", type=at_least(1))
+    steps: int = option(200, "full-batch steps", type=at_least(1))
+    every: int = option(10, "score the heads on val every this many steps (early stopping)", type=at_least(1))
     lr_scale: float = option(1.0, "learning rate as a multiple of 1/L (L: a bound on the loss's curvature)",
                              type=positive_float)
     momentum: float = option(0.9, "Nesterov momentum of the full-batch SGD steps", type=fraction)

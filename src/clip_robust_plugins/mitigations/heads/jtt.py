@@ -36,7 +36,8 @@ class JTTConfig:
     stage1_l2: tuple[float, ...] = option((0.1, 1.0), "stage-1 L2 penalties (the under-fitting) to choose from on val",
                                           type=positive_float, metavar="L2")
     l2: float = option(1e-4, "stage-2 L2 penalty", type=float)
-    max_iter: int = option(200, "L-BFGS iteration cap per fit", type=at_least(1))
+    max_iter: int = option(500, "L-BFGS iteration cap per stage (each stage's candidates are fitted in one run)",
+                           type=at_least(1))
 
 
 class JTTHead(RobustHead):
