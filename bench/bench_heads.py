@@ -12,8 +12,8 @@ a strong, clean spurious direction; train is 95% correlated (the minority groups
 val and test are group-balanced.  Every method is created from its registered spec with its
 default config (the flags' defaults) and fitted through the same ``fit`` / ``predict`` the
 engine calls, on an in-memory context (no model, no images).  Each step's wall seconds and
-the peak resident memory during it (sampled every 5 ms from /proc/self/statm, as the
-increase over the process's resident memory before the step) go to ``--output``, with the
+the peak resident memory during it (sampled every 5 ms from /proc/self/statm: the
+process's peak, and its increase over the resident memory before the step) go to ``--output``, with the
 test worst-group accuracy as a sanity check and the machine's load.
 """
 
@@ -61,6 +61,10 @@ class PeakRSS:
     @property
     def increase_mb(self) -> float:
         return round((self.peak - self.start) / 2**20, 1)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
 
 
 def synthetic_split(n: int, dim: int, seed: int, minority: float | None, prefix: str):
@@ -112,7 +116,8 @@ def run_size(n_train: int, n_eval: int, dim: int, methods: list[str], registry) 
         splits = {"train": synthetic_split(n_train, dim, 0, 0.05, "tr"),
                   "val": synthetic_split(n_eval, dim, 1, None, "va"),
                   "test": synthetic_split(n_eval, dim, 2, None, "te")}
-    rows = {"features": {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_increase_mb": mem.increase_mb}}
+    rows = {"features": {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_increase_mb": mem.increase_mb,
+                         "rss_after_mb": round(rss_bytes() / 2**20, 1)}}
     test = splits["test"]
     y, g = test.y.numpy(), test.group_ids().numpy()
     for name in methods:
@@ -130,10 +135,11 @@ def run_size(n_train: int, n_eval: int, dim: int, methods: list[str], registry) 
         hp = method.hyperparameters()
         rows[name] = {
             "fit_seconds": round(t1 - t0, 3), "fit_peak_rss_increase_mb": fit_mem.increase_mb,
+            "fit_peak_rss_mb": fit_mem.peak_mb,
             "predict_seconds": round(t2 - t1, 3), "predict_peak_rss_increase_mb": predict_mem.increase_mb,
             "test_worst_group_acc": round(worst_group_accuracy(pred, y, g), 4),
             "test_acc": round(float((pred == y).mean()), 4),
-            "chosen": hp.get("chosen", {"C": hp["C"]} if "C" in hp else None),
+            "chosen": hp.get("chosen", {"C": hp["C"]} if "selection_worst_group_acc" in hp else None),
         }
         print(f"{n_train:>7} x {dim}  {name:<20} fit {rows[name]['fit_seconds']:8.2f} s  "
               f"+{rows[name]['fit_peak_rss_increase_mb']:7.1f} MB  predict {rows[name]['predict_seconds']:.3f} s  "

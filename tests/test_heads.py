@@ -370,3 +370,21 @@ def test_dfr_labelfree_balances_val_by_erm_errors_without_group_labels(world):
         assert set(counts[counts > 0].tolist()) == {smallest}
     assert hp["labels_read"] == {"train": ["class"], "val": ["class"]}
     assert hp["selection"].startswith("held-out half of 'val'")
+
+
+def test_a_head_reads_only_the_splits_and_labels_it_declares(world):
+    class Sneaky(LinearHead):
+        name = "sneaky"
+        needs = Needs(fit_splits=("train",), labels=frozenset({"class"}))
+
+        def fit_head(self, x, y, groups, ctx):
+            self.split_data(ctx, self.read, groups=self.groups)
+            return np.zeros((2, x.shape[1])), np.zeros(2)
+
+    head = Sneaky()
+    head.read, head.groups = "val", False
+    with pytest.raises(ValueError, match=r"^sneaky: reads split 'val', which its needs do not declare"):
+        head.fit(FakeContext(world))
+    head.read, head.groups = "train", True
+    with pytest.raises(ValueError, match=r"^sneaky: reads the group labels of 'train', which its needs do not"):
+        head.fit(FakeContext(world))

@@ -11,7 +11,7 @@ HEADS = ["group_dro_head", "jtt_head", "afr", "class_balanced_head", "dfr_labelf
 TINY = ["--model", "crp-tiny", "--pretrained", "spurious_shapes", "--num_workers", "0", "--no_amp"]
 #: what each head may read, per split (none of them reads a label its needs do not declare)
 LABELS_READ = {
-    "group_dro_head": {"train": ["class", "group"]},
+    "group_dro_head": {"train": ["class", "group"], "val": ["class", "group"]},
     "jtt_head": {"train": ["class"], "val": ["class", "group"]},
     "afr": {"train": ["class"], "val": ["class", "group"]},
     "class_balanced_head": {"train": ["class"]},

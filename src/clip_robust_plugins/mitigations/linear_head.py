@@ -67,10 +67,11 @@ class LinearHead(Mitigation):
 
     Class attributes a subclass sets: ``name``, ``needs``, optionally ``Config`` (a frozen
     dataclass of :func:`~clip_robust_plugins.argtypes.option` fields) with ``option_prefix``,
-    ``description``, ``citation``, ``needs_every_class``, ``standardize`` (fit a StandardScaler on the fit split;
-    the head then applies to standardised features, and ``self.scaler`` is set during
-    ``fit_head``) and ``state_scalars`` (attribute names saved in the state as 0-d tensors,
-    e.g. a selected C).  ``MyHead.spec()`` is the :class:`MitigationSpec` to register.
+    ``description``, ``citation``, ``needs_every_class``, ``standardize`` (fit a
+    StandardScaler on the fit split; the head then applies to standardised features, and
+    ``self.scaler`` is set during ``fit_head``) and ``state_scalars`` (attribute names saved
+    in the state as 0-d tensors, e.g. a selected C).  ``MyHead.spec()`` is the
+    :class:`MitigationSpec` to register.
     """
 
     name: ClassVar[str] = ""
@@ -141,6 +142,12 @@ class LinearHead(Mitigation):
 
         if groups is None:
             groups = "group" in self.needs.labels
+        if split not in self.needs.fit_splits:
+            raise ValueError(f"{self.name}: reads split {split!r}, which its needs do not declare "
+                             f"(fit_splits {list(self.needs.fit_splits)})")
+        if groups and "group" not in self.needs.labels:
+            raise ValueError(f"{self.name}: reads the group labels of {split!r}, which its needs do not declare "
+                             f"(labels {sorted(self.needs.labels)})")
         fs = ctx.features(split)
         x = fs.features.numpy().astype(self.dtype, copy=False)
         y = fs.y.numpy().astype(np.int64)
