@@ -56,7 +56,6 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.heads.jtt",
     "clip_robust_plugins.mitigations.heads.afr",
     "clip_robust_plugins.mitigations.heads.class_balanced",
-    "clip_robust_plugins.mitigations.heads.dfr_labelfree",
     "clip_robust_plugins.mitigations.cfr",
     "clip_robust_plugins.mitigations.ravl.plugin",
     "clip_robust_plugins.mitigations.seraser",

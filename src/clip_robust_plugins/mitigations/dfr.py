@@ -357,5 +357,9 @@ class DFRTrain(DFR):
 # --------------------------------------------------------------------------- plugin
 @hookimpl
 def register_mitigations(register):
+    from .heads.dfr_labelfree import DFRLabelFree  # its own module; registered here, beside the
+    # two variants whose --dfr_* flags it shares, so the three are one plugin's
+
     register(DFR.spec())
     register(DFRTrain.spec())
+    register(DFRLabelFree.spec())

@@ -3,14 +3,14 @@
 A deviation from DFR, which balances val by its group labels: here the "groups" of val are
 (class, whether an ERM head fitted on train classifies the sample correctly), in the spirit
 of JTT's error sets.  Everything else is DFR^Val_Tr (``docs/methods/dfr.md``); the
-variant's page is ``docs/methods/dfr_labelfree.md``.
+variant's page is ``docs/methods/dfr_labelfree.md``.  Registered by the ``dfr`` plugin
+module (:mod:`clip_robust_plugins.mitigations.dfr`), whose ``--dfr_*`` flags it shares.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ...hookspecs import hookimpl
 from ...records import Needs
 from ..dfr import CITATION, DFR
 from ..erm_head import ERMHead
@@ -58,7 +58,3 @@ class DFRLabelFree(DFR):
                                **stage1.hyperparameters(), "val_errors": int(wrong.sum())}
         return coef, intercept
 
-
-@hookimpl
-def register_mitigations(register):
-    register(DFRLabelFree.spec())
