@@ -23,7 +23,8 @@ from clip_robust_plugins.features import FeatureSet
 from clip_robust_plugins.groups import two_field_schema
 from clip_robust_plugins.mitigations import dfr
 from clip_robust_plugins.mitigations.base import RunContext
-from clip_robust_plugins.mitigations.dfr import DFR, group_balanced_subsample
+from clip_robust_plugins.mitigations.dfr import DFR, DFRTrain, group_balanced_subsample
+from clip_robust_plugins.plugins import PluginError
 
 TINY_CHECKPOINT = Path(clip_robust_plugins.__file__).parent / "assets" / "crp-tiny_spurious_shapes.safetensors"
 
@@ -169,7 +170,7 @@ def test_c_is_selected_on_the_held_out_half_only(spurious, monkeypatch):
     # recompute each C's held-out worst-group accuracy with plain scikit-learn
     recorded = m.hyperparameters()["selection_worst_group_acc"]
     for entry, c in zip(recorded, dfr.DEFAULT_C_GRID, strict=True):
-        clf = LogisticRegression(C=c, solver="liblinear", random_state=kwargs["random_state"], **dfr.L1_KWARGS)
+        clf = LogisticRegression(C=c, solver="liblinear", random_state=kwargs["random_state"], **dfr.l1_kwargs())
         clf.fit(scaler.transform(x[tune]), y[tune])
         pred = clf.predict(scaler.transform(x[sel]))
         expected = min((pred[g[sel] == k] == y[sel][g[sel] == k]).mean() for k in range(4))
@@ -182,7 +183,7 @@ def test_dfr_train_retrains_on_train_and_selects_on_val(spurious, monkeypatch):
     calls = []
     real_select = dfr.select_c
     monkeypatch.setattr(dfr, "select_c", lambda *a, **k: calls.append(a) or real_select(*a, **k))
-    m = DFR(variant="dfr_train")
+    m = DFRTrain()
     m.fit(FakeContext(spurious))
     train, val = spurious["train"], spurious["val"]
     assert np.array_equal(group_counts(train, m.tuning_indices), [50, 50, 50, 50])
@@ -213,7 +214,7 @@ def test_same_seed_same_head_other_seed_other_subsamples(spurious):
     assert a.hyperparameters()["subsample_digest"] != c.hyperparameters()["subsample_digest"]
     assert not torch.equal(a.coef, c.coef)
     # the two variants draw from different salts
-    t = DFR(variant="dfr_train", n_fits=1)
+    t = DFRTrain(n_fits=1)
     t.fit(FakeContext(spurious, seed=7))
     assert t.hyperparameters()["rng_salts"][0].startswith("dfr_train/")
 
@@ -225,12 +226,12 @@ def test_dfr_fixes_a_spurious_correlation_that_erm_learns(spurious):
     erm_wga = wga(erm.predict(test.features.numpy()), test)
     ctx = FakeContext(spurious)
     results = {}
-    for variant in ("dfr", "dfr_train"):
-        m = DFR(variant=variant)
+    for variant in (DFR, DFRTrain):
+        m = variant()
         m.fit(ctx)
         logits = m.predict(ctx, "test")
         assert logits.shape == (len(test), 2) and logits.dtype == torch.float32
-        results[variant] = wga(logits.argmax(1).numpy(), test)
+        results[m.name] = wga(logits.argmax(1).numpy(), test)
     # ERM leans on the (95%-correlated, nearly noise-free) attribute dimension
     assert erm_wga < 0.5, erm_wga
     assert results["dfr"] > 0.75 and results["dfr"] > erm_wga + 0.3, (results, erm_wga)
@@ -279,8 +280,8 @@ def test_no_warnings_from_scikit_learn_and_the_penalty_really_is_l1(spurious):
     ctx = FakeContext(spurious)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any FutureWarning/DeprecationWarning (or other) fails
-        for variant in ("dfr", "dfr_train"):
-            m = DFR(variant=variant, c_grid=(0.01,), n_fits=2)
+        for variant in (DFR, DFRTrain):
+            m = variant(c_grid=(0.01,), n_fits=2)
             m.fit(ctx)
     # with strong L1 the pure-noise dimensions are exactly zero (an L2 fit would not be)
     assert m.C == 0.01
@@ -307,8 +308,8 @@ def test_bad_settings_are_rejected():
         DFR(c_grid=(1.0, -0.1))
     with pytest.raises(ValueError, match="n_fits"):
         DFR(n_fits=0)
-    with pytest.raises(ValueError, match="variant"):
-        DFR(variant="dfr_test")
+    with pytest.raises(TypeError, match="variant"):
+        DFR(variant="dfr_train")  # the variants are classes (DFR, DFRTrain), not a setting
 
 
 # ------------------------------------------------------------------ plugin wiring
@@ -321,17 +322,25 @@ def test_registered_through_the_hooks_with_flags():
     val, train = registry.mitigation("dfr"), registry.mitigation("dfr_train")
     assert val.needs.fit_splits == ("val",) and train.needs.fit_splits == ("train", "val")
     assert val.needs.labels == train.needs.labels == frozenset({"class", "group"})
-    assert (val.options, val.option_prefix) == (train.options, train.option_prefix) == (dfr.DFRConfig, "dfr_")
+    assert val.options is train.options is dfr.DFRConfig and val.option_prefix == train.option_prefix == "dfr_"
     parser = argparse.ArgumentParser()
-    add_spec_flags(parser, registry, kinds=("mitigations",), only=lambda kind, name: name in ("dfr", "dfr_train"))
+    add_spec_flags(parser, registry, kinds=("mitigations",))  # the shared --dfr_* flags, declared once
+    dfr_flags = [a.dest for a in parser._actions if a.dest.startswith("dfr_")]
+    assert sorted(dfr_flags) == ["dfr_c_grid", "dfr_max_iter", "dfr_n_fits"]
     defaults = parser.parse_args([])
     assert defaults.dfr_c_grid is None and defaults.dfr_n_fits is None  # flags default to None: the config decides
-    made = val.create(spec_config(val, defaults))
-    assert made.c_grid == dfr.DEFAULT_C_GRID and made.max_iter == dfr.DEFAULT_MAX_ITER
-    assert made.n_fits == 20 and train.create(spec_config(train, defaults)).n_fits == 10
+
+    def create(spec, options):
+        return spec.create(spec_config(spec, options))
+
+    assert create(val, defaults).c_grid == dfr.DEFAULT_C_GRID and create(val, defaults).max_iter == dfr.DEFAULT_MAX_ITER
+    assert create(val, defaults).n_fits == 20 and create(train, defaults).n_fits == 10
     opts = parser.parse_args(["--dfr_c_grid", "0.5", "0.05", "--dfr_n_fits", "3", "--dfr_max_iter", "50"])
-    made = val.create(spec_config(val, opts))
+    made = create(val, opts)
     assert (made.c_grid, made.n_fits, made.max_iter) == ((0.5, 0.05), 3, 50)
+    assert isinstance(made, DFR) and isinstance(create(train, opts), DFRTrain)
+    with pytest.raises(PluginError, match="dfr_c_grid"):  # flags never added: an error, not silent defaults
+        create(train, argparse.Namespace())
     with pytest.raises(SystemExit):  # a bad value is argparse's one-line error naming the flag
         parser.parse_args(["--dfr_n_fits", "0"])
 

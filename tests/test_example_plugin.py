@@ -237,43 +237,58 @@ def test_group_acc_std_metric(example_on_path):
 
 
 class StubContext:
-    """Just what the mitigation reads from a RunContext: features, labels and zero-shot logits."""
+    """Just what the mitigation reads from a RunContext: features, class labels and the zero-shot head.
+
+    The stub's "features" are zero-shot logits themselves: its head is the identity / 100,
+    so ``100 * x @ head`` is ``x``.
+    """
+
+    eval_split = "test"
 
     def __init__(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
         self._logits, self._labels = logits, labels
         self.n_classes = next(iter(logits.values())).shape[1]
+        self.classnames = [f"c{i}" for i in range(self.n_classes)]
 
     def features(self, split, kind="image"):
         return argparse.Namespace(features=self._logits[split], y=self._labels[split])
 
-    def zeroshot_logits(self, features):
-        return features.clone()  # the stub's "features" are the logits themselves
+    def zeroshot_head(self):
+        return torch.eye(self.n_classes) / 100.0
 
 
 def test_prior_shift_matches_predicted_class_distribution_to_val_labels(example_on_path):
-    from crp_example_plugin.prior_shift import SPEC, PriorShift
+    from crp_example_plugin.prior_shift import SPEC, PriorShift, PriorShiftConfig
 
+    from clip_robust_plugins import LinearHead
+
+    assert issubclass(PriorShift, LinearHead)
     assert SPEC.needs.fit_splits == ("val",) and SPEC.needs.labels == frozenset({"class"})
+    assert SPEC.options is PriorShiftConfig and SPEC.option_prefix == "example_prior_shift_"
     gen = torch.Generator().manual_seed(0)
     # a zero-shot head biased towards class 0, on val labels distributed 20 / 30 / 50 %
     val = torch.randn(200, 3, generator=gen) * 3 + torch.tensor([4.0, 0.0, -2.0])
     labels = torch.tensor([0] * 40 + [1] * 60 + [2] * 100)
     ctx = StubContext({"val": val, "test": val[:17]}, {"val": labels, "test": labels[:17]})
-    method = SPEC.create(argparse.Namespace())
+    method = SPEC.create(PriorShiftConfig())
     with pytest.raises(RuntimeError, match="before fit"):
         method.predict(ctx, "test")
     method.fit(ctx)
-    q = torch.softmax(val + method.bias, dim=1).mean(0)
+    bias = method.intercept
+    q = torch.softmax(val.double() + bias, dim=1).mean(0)
     assert q.tolist() == pytest.approx([0.2, 0.3, 0.5], abs=1e-3)
     assert torch.softmax(val, dim=1).mean(0)[0] > 0.6  # it really moved
-    assert abs(float(method.bias.sum())) < 1e-5
+    assert abs(float(bias.sum())) < 1e-9
     # the fitted state round-trips, and predictions are zero-shot logits plus the bias
     state = method.state_dict()
-    assert set(state) == {"bias"}
+    assert set(state) == {"coef", "intercept"}
+    assert torch.allclose(state["coef"], torch.eye(3, dtype=torch.float64))  # 100 x the stub's head
     restored = PriorShift()
     restored.load_state_dict(state)
     assert torch.equal(restored.predict(ctx, "test"), method.predict(ctx, "test"))
-    assert torch.allclose(method.predict(ctx, "test"), val[:17] + method.bias)
-    json.dumps(method.hyperparameters())
-    with pytest.raises(ValueError, match="bias"):
+    assert torch.allclose(method.predict(ctx, "test"), val[:17] + bias.float(), atol=1e-5)
+    hyper = json.loads(json.dumps(method.hyperparameters()))
+    assert hyper["fit_split"] == "val" and hyper["reg"] == 1e-4 and hyper["bias"] == pytest.approx(bias.tolist(), abs=1e-4)
+    assert hyper["labels_read"] == {"val": ["class"]}
+    with pytest.raises(ValueError, match="expected"):
         restored.load_state_dict({"weights": torch.zeros(3)})

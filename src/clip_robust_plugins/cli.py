@@ -176,7 +176,6 @@ def _device() -> str:
 def demo_mitigations(registry: Registry) -> list[str]:
     """The methods the demo runs: the built-ins, and a third party's only when it declares demo
     settings, so an installed plugin cannot make the first command a user runs slow."""
-    from .plugins import BUILTIN_PLUGINS
 
     return [name for name, spec in registry.mitigations.items()
             if not spec.baseline and (registry.owner("mitigations", name) in BUILTIN_PLUGINS or spec.demo_flags)]

@@ -56,8 +56,11 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.datasets.counteranimal",
     "clip_robust_plugins.mitigations.zeroshot",
     "clip_robust_plugins.mitigations.erm_head",
-    "clip_robust_plugins.mitigations.heads.group_dro",
     "clip_robust_plugins.mitigations.dfr",
+    "clip_robust_plugins.mitigations.heads.group_dro",
+    "clip_robust_plugins.mitigations.heads.jtt",
+    "clip_robust_plugins.mitigations.heads.afr",
+    "clip_robust_plugins.mitigations.heads.class_balanced",
     "clip_robust_plugins.mitigations.cfr",
     "clip_robust_plugins.mitigations.ravl.plugin",
     "clip_robust_plugins.mitigations.seraser",
@@ -384,6 +387,7 @@ def add_spec_flags(parser: argparse.ArgumentParser, registry: Registry, kinds: I
 
     owners = flag_owners(parser)
     for kind in kinds:
+        shared: dict[tuple[type, str], list[str]] = {}  # one dataclass under one prefix: one set of flags
         for name, spec in getattr(registry, kind).items():
             if spec.options is None or (only is not None and not only(kind, name)):
                 continue

@@ -11,87 +11,64 @@ split's zero-shot logits ``z`` and class labels, by minimising the cross-entropy
 predicted class distribution and ``pi`` the val class frequencies: at the optimum the
 model predicts classes as often as they occur.  Groups are never read, so the method
 needs only class labels, and it fits in milliseconds from cached features.
+
+Zero-shot logits are linear in the image features (``100 * x @ head``), so the method is
+a :class:`~clip_robust_plugins.LinearHead` whose weights are the zero-shot head and whose
+intercept is ``b``: prediction, the saved state and classes absent from val come from the
+base class, and the fit split is declared once, in ``needs``.
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from clip_robust_plugins import Mitigation, MitigationSpec, Needs, RunContext
-
-if TYPE_CHECKING:  # registering the plugin imports no torch; fit and predict import it when they run
-    import torch
+from clip_robust_plugins import LinearHead, Needs, option
 
 NAME = "example_prior_shift"
-FIT_SPLIT = "val"
 
 
-class PriorShift(Mitigation):
-    """Zero-shot logits plus a fitted per-class bias (one tensor of state, ``bias``)."""
+@dataclass(frozen=True)
+class PriorShiftConfig:
+    """The ``--example_prior_shift_*`` flags."""
 
-    def __init__(self, reg: float = 1e-4, max_iter: int = 100):
-        self.reg = reg
-        self.max_iter = max_iter
-        self.bias: torch.Tensor | None = None  # (C,) float32, mean zero
-        self.target: list[float] = []
+    reg: float = option(1e-4, "L2 penalty on the per-class bias")
+    max_iter: int = option(100, "L-BFGS iteration cap")
 
-    def fit(self, ctx: RunContext) -> None:
+
+class PriorShift(LinearHead):
+    """Zero-shot head plus a fitted per-class bias (the intercept, mean zero)."""
+
+    name = NAME
+    needs = Needs(fit_splits=("val",), labels=frozenset({"class"}))
+    Config = PriorShiftConfig
+    option_prefix = "example_prior_shift_"
+    description = "per-class bias on zero-shot logits so predicted class frequencies match val's (class labels only)"
+    citation = "Saerens et al., Adjusting the Outputs of a Classifier to New a Priori Probabilities, Neural Computation 2002"
+
+    def fit_head(self, x, y, groups, ctx):
         import torch
 
-        fs = ctx.features(FIT_SPLIT)
-        z = ctx.zeroshot_logits(fs.features).double()
-        counts = torch.bincount(fs.y, minlength=ctx.n_classes).double()
+        weights = 100.0 * ctx.zeroshot_head().double().cpu().T  # (C, D): zero-shot logits are x @ weights.T
+        z = torch.from_numpy(x) @ weights.T
+        counts = torch.bincount(torch.from_numpy(y), minlength=ctx.n_classes).double()
         pi = counts / counts.sum()
         b = torch.zeros(ctx.n_classes, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([b], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe",
+        opt = torch.optim.LBFGS([b], lr=1.0, max_iter=self.config.max_iter, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-10, tolerance_change=1e-12)
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = torch.logsumexp(z + b, dim=1).mean() - (pi * b).sum() + 0.5 * self.reg * (b * b).sum()
+            loss = torch.logsumexp(z + b, dim=1).mean() - (pi * b).sum() + 0.5 * self.config.reg * (b * b).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
         bias = b.detach()
-        self.bias = (bias - bias.mean()).float()  # a common shift changes no prediction
-        self.target = [round(float(p), 6) for p in pi]
-
-    def predict(self, ctx: RunContext, split: str) -> torch.Tensor:
-        if self.bias is None:
-            raise RuntimeError(f"{NAME}: predict() before fit()")
-        return ctx.zeroshot_logits(ctx.features(split).features) + self.bias
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.bias is None:
-            return {}
-        return {"bias": self.bias.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        unknown = set(state) - {"bias"}
-        if unknown or "bias" not in state:
-            raise ValueError(f"{NAME}: expected a state with one tensor 'bias', got {sorted(state)}")
-        self.bias = state["bias"].float().clone()
-
-    def hyperparameters(self) -> dict:
-        return {
-            "fit_split": FIT_SPLIT,
-            "reg": self.reg,
-            "max_iter": self.max_iter,
-            "target_class_prior": self.target,
-            "bias": [round(float(v), 4) for v in self.bias] if self.bias is not None else None,
-        }
+        bias = bias - bias.mean()  # a common shift changes no prediction
+        self.info = {"target_class_prior": [round(float(p), 6) for p in pi],
+                     "bias": [round(float(v), 4) for v in bias]}
+        return weights.numpy(), bias.numpy()
 
 
-def create(options: argparse.Namespace) -> PriorShift:
-    return PriorShift()
-
-
-SPEC = MitigationSpec(
-    name=NAME,
-    create=create,
-    needs=Needs(fit_splits=(FIT_SPLIT,), labels=frozenset({"class"})),
-    description="per-class bias on zero-shot logits so predicted class frequencies match val's (class labels only)",
-    citation="Saerens et al., Adjusting the Outputs of a Classifier to New a Priori Probabilities, Neural Computation 2002",
-)
+#: the record ``register_mitigations`` registers (name, needs, flags and create come from the class)
+SPEC = PriorShift.spec()

@@ -9,25 +9,21 @@ the correlation; DFR (group-balanced retraining) is what fixes that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ..argtypes import option
+from ..argtypes import at_least, option, positive_float
 from ..hookspecs import hookimpl
-from ..records import MitigationSpec, Needs
-from .linear_head import LinearHead
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
-    from .base import RunContext
+from ..records import Needs
+from .linear_head import NEVER, LinearHead  # noqa: F401 - NEVER re-exported for older imports
 
 NAME = "erm_head"
 
 
 @dataclass(frozen=True)
 class ERMHeadConfig:
-    C: float = option(1.0, "inverse L2 regularisation strength")
-    max_iter: int = option(1000, "lbfgs iterations at most")
+    """The ``--erm_head_*`` flags."""
+
+    C: float = option(1.0, "inverse L2 regularisation strength", type=positive_float)
+    max_iter: int = option(1000, "lbfgs iteration cap", type=at_least(1))
 
 
 class ERMHead(LinearHead):
@@ -35,29 +31,22 @@ class ERMHead(LinearHead):
 
     name = NAME
     needs = Needs(fit_splits=("train",), labels=frozenset({"class"}))
+    Config = ERMHeadConfig
+    option_prefix = "erm_head_"
+    description = "logistic-regression head on frozen train-split image embeddings (ERM, class labels only)"
 
-    def __init__(self, config: ERMHeadConfig | None = None):
-        super().__init__(config or ERMHeadConfig())
-        self.fit_info = {"solver": "lbfgs"}
-
-    def fit_head(self, x: np.ndarray, y: np.ndarray, groups: None, ctx: RunContext):
+    def fit_head(self, x, y, groups, ctx):
         from sklearn.linear_model import LogisticRegression
 
         seed = int(ctx.rng(NAME).integers(2**31 - 1))
         clf = LogisticRegression(C=self.config.C, max_iter=self.config.max_iter, random_state=seed)
-        clf.fit(x, y)
+        clf.fit(x.astype("float32"), y)  # float32 as the features are stored (and as fitted before the base existed)
         return clf.coef_, clf.intercept_
+
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "solver": "lbfgs"}
 
 
 @hookimpl
 def register_mitigations(register):
-    register(
-        MitigationSpec(
-            name=NAME,
-            create=ERMHead,
-            needs=ERMHead.needs,
-            description="logistic-regression head on frozen train-split image embeddings (ERM, class labels only)",
-            options=ERMHeadConfig,
-            option_prefix="erm_head_",
-        )
-    )
+    register(ERMHead.spec())
