@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 from .atomic import write_files
+from .metrics import null_reason
 from .results import EvalResult
 from .states import write_state
 
@@ -22,7 +23,8 @@ SUMMARY_ROWS = (
     ("acc (sample mean)", "acc"),
     ("acc (train-weighted)", "acc_train_weighted"),
     ("acc (group mean)", "acc_group_mean"),
-    ("gap (acc - worst)", "gap"),
+    ("gap (sample mean - worst)", "gap_sample_mean"),
+    ("gap (train-weighted - worst)", "gap_train_weighted"),
     ("balanced acc", "balanced_acc"),
 )
 
@@ -115,9 +117,39 @@ def plot_path(results_path: str) -> str:
     return base + "_groups.png"
 
 
+def _finite(value, path: tuple[str, ...], nulls: dict[str, str], metric_names: Sequence[str]):
+    """``value`` with every NaN or infinity replaced by None, each recorded once in ``nulls``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if path[:1] == ("metrics",):
+            key = path[1]
+            owner = next((m for m in metric_names if key.startswith(m + "/")), None)
+            relative = key[len(owner) + 1:] if owner else key
+            if relative not in nulls:
+                nulls[relative] = null_reason(relative)
+        else:
+            nulls.setdefault(".".join(path), f"not a finite number ({value})")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, (*path, str(k)), nulls, metric_names) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, (*path, str(i)), nulls, metric_names) for i, v in enumerate(value)]
+    return value
+
+
+def standard_json(dump: dict) -> dict:
+    """The results JSON as strict JSON: NaN and infinities become null, and ``robust.null_values``
+    says once per quantity why (keys relative to the method: ``acc5``, ``group_acc/<g>``, or a dotted path)."""
+    nulls: dict[str, str] = {}
+    methods = sorted(dump.get("robust", {}).get("methods", {}), key=len, reverse=True)
+    clean = _finite(dump, (), nulls, methods)
+    if nulls:
+        clean.setdefault("robust", {})["null_values"] = dict(sorted(nulls.items()))
+    return clean
+
+
 def _write_json(result: EvalResult, path: str) -> None:
     with open(path, "w") as fh:
-        json.dump(result.dump, fh, indent=1)
+        json.dump(standard_json(result.dump), fh, indent=1, allow_nan=False)
 
 
 def _write_predictions(result: EvalResult, path: str) -> None:
