@@ -254,3 +254,14 @@ def test_table_prints_intervals_where_they_fit():
     assert "worst - zeroshot" in table and "95% intervals" in table
     narrow = format_table(result, width=60)
     assert "[" not in narrow.replace("[low", "").split("\n", 1)[1] and "left out to fit 60 columns" in narrow
+
+
+def test_adding_a_method_leaves_the_others_intervals_unchanged_through_the_cli(crp_eval):
+    alone = crp_eval("--bootstrap_samples", "200", "--seed", "2", mitigation=["dfr"])["metrics"]
+    more = crp_eval("--bootstrap_samples", "200", "--seed", "2", mitigation=["dfr", "erm_head"])["metrics"]
+    for method in ("zeroshot", "dfr"):
+        keys = {k: v for k, v in alone.items() if k.startswith(method + "/")}
+        intervals = [k for k in keys if "_ci_" in k]
+        assert len(intervals) > 20 and "dfr/delta_worst_group_acc_vs_zeroshot_ci_low" in alone
+        assert {k: more[k] for k in keys} == keys  # point values, intervals and paired differences alike
+    assert "erm_head/worst_group_acc_ci_low" in more

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 
 import pytest
 
-from clip_robust_plugins import cli
+from clip_robust_plugins import Mitigation, MitigationSpec, cli, hookimpl, option
 from clip_robust_plugins.pytest_plugin import TINY_SHARDS_FLAGS
 from clip_robust_plugins.summary import write_report
+from clip_robust_plugins.summary.build import ReportWarning
 from clip_robust_plugins.summary.load import interval_of
 
 
@@ -44,13 +45,15 @@ def test_report_writes_the_four_outputs(report_dir):
     names = set(os.listdir(report_dir))
     assert {"results_long.csv", "report.md", "report.html"} <= names
     pngs = sorted(n for n in names if n.endswith(".png"))
-    assert pngs == ["robust_spurious_shapes_worst_group.png", "robust_spurious_shapes_worst_vs_average.png"]
+    slug = "robust_spurious_shapes"
+    figures = [f"{slug}_worst_group.png", f"{slug}_groups.png", f"{slug}_forest.png", f"{slug}_worst_vs_average.png"]
+    assert pngs == sorted(figures)
     for name in pngs:
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (report_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page and 'src="robust' not in page
+    assert page.count("data:image/png;base64,") == 4 and 'src="http' not in page and 'src="robust' not in page
     embedded = page.split("data:image/png;base64,")[1].split('"')[0]
-    assert base64.b64decode(embedded) == (report_dir / pngs[0]).read_bytes()
+    assert base64.b64decode(embedded) == (report_dir / figures[0]).read_bytes()
 
 
 def test_long_csv_values_equal_the_jsons(results, report_dir):
@@ -78,8 +81,8 @@ def test_long_csv_values_equal_the_jsons(results, report_dir):
             seen.add((str(path), method, metric))
             if isinstance(value, str):
                 assert cell == value
-            elif math.isnan(value):
-                assert math.isnan(float(cell))
+            elif value is None:  # undefined (strict JSON: null, the reason in robust.null_values)
+                assert cell == ""
             else:
                 assert float(cell) == value  # exactly
     assert len(seen) == sum(1 for p in results.values() for k in json.loads(p.read_text())["metrics"] if "/" in k)
@@ -90,7 +93,8 @@ def test_long_csv_values_equal_the_jsons(results, report_dir):
 def test_markdown_shows_mean_std_for_the_seeded_pair_and_intervals_for_the_single_run(results, report_dir):
     md = (report_dir / "report.md").read_text()
     assert "## robust/spurious_shapes (split test, 4 groups)" in md
-    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in md.splitlines()
+    board = md.split("### Leaderboard", 1)[1].split("### Accuracy per group", 1)[0]
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in board.splitlines()
              if line.startswith("| crp-tiny")}
     pair = lines[("crp-tiny", "spurious_shapes", "zeroshot")]
     single = lines[("crp-tiny", "spurious_quadrants", "erm_head")]
@@ -143,3 +147,79 @@ def test_report_command_from_the_cli(results, tmp_path, run_cli):
     rc, _, stderr = run_cli("report", str(results["s0"]), "--output_dir", str(tmp_path / "r"))
     assert rc == 0 and "report.html" in stderr
     assert (tmp_path / "r" / "results_long.csv").is_file()
+
+
+# --------------------------------------------------------------------------- runs are grouped by what they did
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftConfig:
+    shift: float = option(0.0, "added to class 1's zero-shot logit")
+    steps: int = option(10, "unused; a second setting")
+
+
+class _Shifted(Mitigation):
+    def __init__(self, config: ShiftConfig):
+        self.config = config
+
+    def fit(self, ctx) -> None:
+        ctx.zeroshot_head()
+
+    def predict(self, ctx, split):
+        logits = ctx.zeroshot_logits(ctx.features(split).features)
+        logits[:, 1] += self.config.shift
+        return logits
+
+
+class _ShiftPlugin:
+    @hookimpl
+    def register_mitigations(self, register):
+        register(MitigationSpec("shifted", lambda config: _Shifted(config), options=ShiftConfig, option_prefix="shift_"))
+
+
+@pytest.fixture()
+def shifted_runs(crp_plugin_manager, crp_eval, tmp_path) -> dict[str, Path]:
+    """``shifted`` with its defaults (seeds 0 and 1, and seed 0 again) and with tuned settings (seed 0)."""
+    crp_plugin_manager.register(_ShiftPlugin())
+    runs = {"default0": ("0", ()), "default1": ("1", ()), "again0": ("0", ()),
+            "tuned0": ("0", ("--shift_shift", "30", "--shift_steps", "5"))}
+    out = {}
+    for name, (seed, flags) in runs.items():
+        crp_eval("--seed", seed, "--bootstrap_samples", "20", *flags, mitigation=["shifted"])
+        out[name] = tmp_path / f"{name}.json"
+        crp_eval.last_output.rename(out[name])
+    return out
+
+
+def _leaderboard(md: str) -> dict[str, str]:
+    return {line.split("|")[3].strip(): line for line in md.splitlines() if line.startswith("| crp-tiny")}
+
+
+def test_runs_differing_in_a_setting_are_separate_rows_named_by_it(shifted_runs, tmp_path):
+    doc = json.loads(shifted_runs["tuned0"].read_text())
+    assert doc["robust"]["methods"]["shifted"]["settings"] == {"shift": 30.0, "steps": 5}
+    out = tmp_path / "report"
+    with pytest.warns(ReportWarning, match="zeroshot: seed 0 with the same settings"):
+        write_report([str(shifted_runs["default0"]), str(shifted_runs["tuned0"])], str(out))
+    rows = _leaderboard((out / "report.md").read_text())
+    assert set(rows) == {"zeroshot", "shifted (shift=0, steps=10)", "shifted (shift=30, steps=5)"}
+    assert "1 (0)" in rows["shifted (shift=0, steps=10)"] and "1 (0)" in rows["shifted (shift=30, steps=5)"]
+    page = (out / "report.html").read_text()
+    assert "shifted (shift=30, steps=5)" in page and "shifted (shift=0, steps=10)" in page
+    # zero-shot did the same in both runs (same seed, no settings): one run counted twice, with a warning
+    assert "2 (0, 0)" in rows["zeroshot"] and "one run counted twice" in (out / "report.md").read_text()
+
+
+def test_only_runs_differing_in_nothing_but_the_seed_are_averaged(shifted_runs, tmp_path, run_cli):
+    out = tmp_path / "report"
+    rc, _, stderr = run_cli("report", shifted_runs["default0"], shifted_runs["default1"], shifted_runs["tuned0"],
+                            "--output_dir", out)
+    assert rc == 0
+    rows = _leaderboard((out / "report.md").read_text())
+    assert set(rows) == {"zeroshot", "shifted (shift=0, steps=10)", "shifted (shift=30, steps=5)"}
+    assert "2 (0, 1)" in rows["shifted (shift=0, steps=10)"] and "1 (0)" in rows["shifted (shift=30, steps=5)"]
+    assert "3 (0, 1, 0)" in rows["zeroshot"]  # its seed 0 twice: warned
+    assert "warning: crp-tiny / spurious_shapes / zeroshot: seed 0 with the same settings" in stderr
+    # the same seed and settings twice is one run counted twice
+    rc, _, stderr = run_cli("report", shifted_runs["default0"], shifted_runs["again0"], "--output_dir", tmp_path / "r2")
+    assert rc == 0 and "shifted: seed 0 with the same settings in several files" in stderr

@@ -188,16 +188,18 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         eval_argv = demo_eval_argv(demo_args.output_dir, registry, device) + extra
         print(f"demo: {PROG} {' '.join(eval_argv)}", file=sys.stderr)
         args = build_parser(pm, registry, "eval").parse_args(eval_argv)
+        args.command_line = [PROG, *eval_argv]  # the eval the demo ran, recorded in the results JSON
         run_eval(args, pm, registry)
         from .summary import write_report
 
         out = os.path.join(demo_args.output_dir, "results")
         report_dir = os.path.join(demo_args.output_dir, "report")
         write_report([args.output], report_dir)
-        print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and "
-              f"{os.path.join(report_dir, 'report.html')}", file=sys.stderr)
+        print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and the report page:", file=sys.stderr)
+        print(os.path.abspath(os.path.join(report_dir, "report.html")), flush=True)  # stdout's last line
         return 0
     args = parser.parse_args(argv)
+    args.command_line = [PROG, *argv]  # recorded in the results JSON (robust.command_line)
     which = getattr(args, "which", None)
     if which is None:
         parser.print_help()
@@ -296,6 +298,7 @@ def run_one(args: argparse.Namespace, registry: Registry) -> None:
     result = engine.run(args, registry)
     if result is None:  # a torchrun worker rank: rank 0 reports
         return
+    result.dump["robust"]["command_line"] = getattr(args, "command_line", None)
     print(report.format_table(result), file=sys.stdout)
     written = report.write_outputs(
         result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state

@@ -9,6 +9,7 @@ from the registry it is handed.  A mitigation's declared :class:`~clip_robust_pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -307,6 +308,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         info = {
             "plugin": owner,
             "needs": spec.needs.to_json(),
+            "settings": dataclasses.asdict(config) if (config := spec_config(spec, args)) is not None else {},
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(t1 - t0, 4),
             "state_loaded_from": loaded.path if loaded is not None else None,

@@ -15,12 +15,13 @@ from ..hookspecs import hookimpl
 from ..records import CommandContext, CommandSpec
 
 
-def write_report(inputs: list[str], output_dir: str) -> list[str]:
+def write_report(inputs: list[str], output_dir: str, warn=None) -> list[str]:
     """Read the results JSONs in ``inputs`` (files or directories) and write the report into
-    ``output_dir``, all-or-nothing; returns the written paths.  Bad input raises EvalError."""
+    ``output_dir``, all-or-nothing; returns the written paths.  Bad input raises EvalError;
+    ``warn(text)`` gets each warning (default: Python warnings)."""
     from .build import write_report as build
 
-    return build(inputs, output_dir)
+    return build(inputs, output_dir, warn)
 
 
 def _add_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None:
@@ -31,7 +32,7 @@ def _add_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None
 
 
 def _run(args: argparse.Namespace, ctx: CommandContext) -> int:
-    for path in write_report(args.results, args.output_dir):
+    for path in write_report(args.results, args.output_dir, warn=lambda text: print(text, file=sys.stderr)):
         print(f"Wrote {path}", file=sys.stderr)
     return 0
 
