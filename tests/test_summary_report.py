@@ -223,3 +223,57 @@ def test_only_runs_differing_in_nothing_but_the_seed_are_averaged(shifted_runs, 
     # the same seed and settings twice is one run counted twice
     rc, _, stderr = run_cli("report", shifted_runs["default0"], shifted_runs["again0"], "--output_dir", tmp_path / "r2")
     assert rc == 0 and "shifted: seed 0 with the same settings in several files" in stderr
+
+
+# --------------------------------------------------------------------------- the page in a real browser
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "firefox")
+
+
+def _page_text_in_a_browser(page: Path, screenshot: Path) -> str | None:
+    """The page's text as a headless browser renders it, and a screenshot; None when no browser is installed."""
+    import importlib.util
+    import re
+    import shutil
+    import subprocess
+
+    if importlib.util.find_spec("playwright") is not None:
+        from playwright.sync_api import Error, sync_playwright
+
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch()
+                tab = browser.new_page(viewport={"width": 1280, "height": 900})
+                tab.goto(page.as_uri())
+                tab.screenshot(path=str(screenshot), full_page=True)
+                text = tab.inner_text("body")
+                browser.close()
+                return text
+        except Error:  # playwright without its browsers: try a binary
+            pass
+    binary = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if binary is None:
+        return None
+    if "firefox" in os.path.basename(binary):
+        subprocess.run([binary, "--headless", "--window-size=1280,900", "--screenshot", str(screenshot), page.as_uri()],
+                       check=True, timeout=120, capture_output=True)
+        return re.sub(r"<[^>]+>", " ", page.read_text())  # firefox has no DOM dump: the page's own text
+    flags = ["--headless", "--disable-gpu", "--no-sandbox", "--window-size=1280,900"]
+    subprocess.run([binary, *flags, f"--screenshot={screenshot}", page.as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    dom = subprocess.run([binary, *flags, "--dump-dom", page.as_uri()], check=True, timeout=120, capture_output=True,
+                         text=True).stdout
+    return re.sub(r"<[^>]+>", " ", dom)
+
+
+def test_the_page_in_a_headless_browser(results, report_dir, tmp_path):
+    screenshot = tmp_path / "report.png"
+    text = _page_text_in_a_browser(report_dir / "report.html", screenshot)
+    if text is None:
+        pytest.skip(f"no headless browser installed (playwright, {', '.join(BROWSERS)})")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    for path in results.values():
+        doc = json.loads(path.read_text())
+        for name in [*doc["robust"]["methods"], *doc["robust"]["groups"]]:
+            assert name in text, name
+    assert "Accuracy per group" in text and "Commands" in text

@@ -9,7 +9,7 @@ from .tables import Section
 
 ERROR_NOTE = "error bars: std over seeds where a row has several runs, else the run's interval"
 #: points closer than this (in accuracy, both axes) share one label in the scatter
-SAME_POINT = 0.012
+SAME_POINT = 0.002
 
 
 def _pyplot():
@@ -81,14 +81,15 @@ def groups_png(section: Section) -> bytes:
     plt = _pyplot()
     groups, rows = list(section.groups), section.rows
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(8.5, 0.35 * len(rows) * len(groups) + 5.0), 4.4))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(8.5, 0.25 * len(rows) * len(groups) + 4.0)), 4.4))
     x = np.arange(len(groups))
+    colors, methods = plt.get_cmap("tab10"), _methods(section)
     for j, row in enumerate(rows):
         stats = [row.groups[g] for g in groups]
         heights = [s.mean if s.values else math.nan for s in stats]
         errors = np.array([s.error() for s in stats]).T
         ax.bar(x + (j - (len(rows) - 1) / 2) * width, heights, width, yerr=errors, capsize=2,
-               error_kw={"elinewidth": 0.7}, label=section.display(row))
+               error_kw={"elinewidth": 0.7}, label=section.display(row), color=colors(methods.index(row.name) % 10))
     ax.set_xticks(x)
     ax.set_xticklabels([f"{g}\n(n={section.counts.get(g, '?')})" for g in groups], fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -127,7 +128,7 @@ def forest_png(section: Section) -> bytes:
 
 
 def label_clusters(points: list[tuple[float, float, str]], tolerance: float = SAME_POINT) -> list[tuple[float, float, str]]:
-    """Points closer than ``tolerance`` in both coordinates merged into one, their labels joined with " = "."""
+    """Points on one spot (closer than ``tolerance`` in both coordinates) merged, their labels joined with " = "."""
     clusters: list[list[tuple[float, float, str]]] = []
     for point in points:
         home = next((c for c in clusters if abs(c[0][0] - point[0]) <= tolerance and abs(c[0][1] - point[1]) <= tolerance),
@@ -136,8 +137,31 @@ def label_clusters(points: list[tuple[float, float, str]], tolerance: float = SA
     return [(c[0][0], c[0][1], " = ".join(p[2] for p in c)) for c in clusters]
 
 
-#: label offsets (points) tried in turn, so labels of nearby points go different ways
-_OFFSETS = ((8, 8), (8, -14), (-8, 8), (-8, -14), (14, 0), (-14, 0))
+#: label offsets (points) to choose from, so labels of nearby points go different ways
+_OFFSETS = ((10, 10), (10, -16), (-10, 10), (-10, -16), (16, -3), (-16, -3), (0, 20), (0, -24))
+
+
+def place_labels(anchors: list[tuple[float, float]], scale: tuple[float, float]) -> list[tuple[int, int]]:
+    """An offset per anchor (in points), each as far as possible from the other points and the labels placed so far.
+
+    ``scale``: points per data unit on x and y, so distances compare on the page.
+    """
+    placed: list[tuple[float, float]] = []
+    out = []
+    others = [(x * scale[0], y * scale[1]) for x, y in anchors]
+    for x, y in anchors:
+        px, py = x * scale[0], y * scale[1]
+
+        def clearance(offset, px=px, py=py):
+            tx, ty = px + offset[0], py + offset[1]
+            near = [(tx - ox) ** 2 + (ty - oy) ** 2 for ox, oy in others if (ox, oy) != (px, py)]
+            near += [4 * ((tx - lx) ** 2 + (ty - ly) ** 2) for lx, ly in placed]  # labels repel more
+            return min(near, default=math.inf)
+
+        best = max(_OFFSETS, key=clearance)
+        placed.append((px + best[0], py + best[1]))
+        out.append(best)
+    return out
 
 
 def scatter_png(section: Section) -> bytes:
@@ -164,22 +188,26 @@ def scatter_png(section: Section) -> bytes:
         ax.errorbar(avg.mean, wga.mean, yerr=[[ylo], [yhi]], xerr=[[xlo], [xhi]], fmt=markers[models.index(model) % 12],
                     color=colors(methods.index(row.name) % 10), ms=7, capsize=2, elinewidth=0.8, alpha=0.9)
         points.append((avg.mean, wga.mean, section.display(row)))
-    for i, (x, y, text) in enumerate(label_clusters(points)):
-        dx, dy = _OFFSETS[i % len(_OFFSETS)]
+    xs = [p[0] for p in points] or [0.0, 1.0]
+    ys = [p[1] for p in points] or [0.0, 1.0]
+    xlim = (max(0.0, min(xs) - 0.1), min(1.02, max(xs) + 0.1))
+    ylim = (max(0.0, min(ys) - 0.1), min(1.02, max(ys) + 0.1))
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    labels = label_clusters(points)
+    scale = (5.0 * 72 / (xlim[1] - xlim[0]), 4.3 * 72 / (ylim[1] - ylim[0]))  # the axes are about 5 x 4.3 inches
+    for (x, y, text), (dx, dy) in zip(labels, place_labels([(x, y) for x, y, _ in labels], scale)):
         ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
-                    ha="left" if dx > 0 else "right", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"},
+                    ha="left" if dx > 0 else ("center" if dx == 0 else "right"),
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"},
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
     for i, method in enumerate(methods):  # legend: colour = method, marker = model
         ax.plot([], [], "s", color=colors(i % 10), label=method)
     for i, model in enumerate(models):
         ax.plot([], [], markers[i % 12], color="black", mfc="none", label=model)
-    xs = [p[0] for p in points] or [0.0, 1.0]
-    ys = [p[1] for p in points] or [0.0, 1.0]
-    ax.set_xlim(max(0.0, min(xs) - 0.1), min(1.02, max(xs) + 0.1))
-    ax.set_ylim(max(0.0, min(ys) - 0.1), min(1.02, max(ys) + 0.1))
     ax.set_xlabel(avg_col.title)
     ax.set_ylabel(wga_col.title)
-    ax.set_title(f"{section.title}\n{ERROR_NOTE}; points on one spot share a label", fontsize=9)
+    ax.set_title(f"{section.title}\n{ERROR_NOTE};\nmethods on one spot share a label (a = b)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
