@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import html
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -277,3 +279,36 @@ def test_the_page_in_a_headless_browser(results, report_dir, tmp_path):
         for name in [*doc["robust"]["methods"], *doc["robust"]["groups"]]:
             assert name in text, name
     assert "Accuracy per group" in text and "Commands" in text
+
+
+def test_the_page_shows_the_methods_figures_the_discovery_sheet_and_the_commands(results, report_dir, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    doc = json.loads(results["s0"].read_text())
+    (runs / "s0.json").write_text(json.dumps(doc))
+    png = (report_dir / "robust_spurious_shapes_forest.png").read_bytes()
+    (runs / "s0_erm_head_curve.png").write_bytes(png)  # as `eval --plot` names a method's figure
+    discovery = {"format": "clip_robust_plugins.ravl_discovery/2", "dataset": doc["dataset"], "model": doc["model"],
+                 "pretrained": doc["pretrained"], "split": "val"}
+    (runs / "discovery.json").write_text(json.dumps(discovery))  # `discover --output discovery.json` ...
+    (runs / "discovery.png").write_bytes(png)  # ... and its sheet beside it
+    out = tmp_path / "report"
+    written = write_report([str(runs)], str(out))  # the discovery report is no run: no error
+    page = (out / "report.html").read_text()
+    assert "erm_head: curve" in page and "RaVL discovery sheet" in page and page.count("data:image/png;base64,") == 6
+    assert {"robust_spurious_shapes_1_erm_head_curve.png", "robust_spurious_shapes_discovery_1.png"} <= {
+        os.path.basename(p) for p in written}
+    command = doc["robust"]["command_line"]
+    assert command[:2] == ["clip_benchmark_robust", "eval"] and "--seed" in command
+    assert html.escape(shlex.join(command)) in page and shlex.join(command) in (out / "report.md").read_text()
+    assert "1 results file(s)" in page
+
+
+def test_the_scatter_labels_methods_on_one_spot_together():
+    from clip_robust_plugins.summary.plots import label_clusters, place_labels
+
+    points = [(0.95, 0.39, "zeroshot"), (0.95, 0.39, "erm_head"), (0.953, 0.41, "ravl"), (0.7, 0.6, "cfr")]
+    labels = label_clusters(points)
+    assert [t for *_, t in labels] == ["zeroshot = erm_head", "ravl", "cfr"]  # every method named, none hidden
+    offsets = place_labels([(x, y) for x, y, _ in labels], scale=(360 / 0.4, 310 / 0.4))
+    assert offsets[0] != offsets[1]  # the two nearby points' labels go different ways
