@@ -46,5 +46,8 @@ def register_commands(register):
         _run,
         description="Reads results JSONs (or directories of them) and writes DIR/results_long.csv (one row per "
         "dataset, model, pretrained, method, seed and metric, with its interval), DIR/report.md and DIR/report.html "
-        "(per dataset: a leaderboard with mean +/- std over seeds, or the interval of a single run) and PNG plots.",
+        "(per dataset: a leaderboard with mean +/- std over seeds, or the interval of a single run; a method x group "
+        "accuracy table; per-group, forest and scatter figures; the methods' own figures; each run's command line) "
+        "and the PNG figures. A row is one method with one set of recorded settings: runs are averaged only when "
+        "they differ in nothing but the seed.",
     ))
