@@ -312,3 +312,30 @@ def test_the_scatter_labels_methods_on_one_spot_together():
     assert [t for *_, t in labels] == ["zeroshot = erm_head", "ravl", "cfr"]  # every method named, none hidden
     offsets = place_labels([(x, y) for x, y, _ in labels], scale=(360 / 0.4, 310 / 0.4))
     assert offsets[0] != offsets[1]  # the two nearby points' labels go different ways
+
+
+def test_a_builtin_run_with_other_flags_is_its_own_row(crp_eval, tmp_path):
+    """A tuned run of a built-in method (its settings recorded, or for a method that declares no
+    options its ``--<method>_*`` flags from the recorded command line) is never averaged with a default run."""
+    paths = []
+    for name, flags in (("default", ()), ("tuned", ("--erm_head_C", "0.1"))):
+        crp_eval("--bootstrap_samples", "20", *flags, mitigation=["erm_head"])
+        paths.append(tmp_path / f"{name}.json")
+        crp_eval.last_output.rename(paths[-1])
+    out = tmp_path / "report"
+    with pytest.warns(ReportWarning):  # zero-shot: the same run twice
+        write_report([str(p) for p in paths], str(out))
+    rows = _leaderboard((out / "report.md").read_text())
+    heads = sorted(name for name in rows if name.startswith("erm_head"))
+    assert len(heads) == 2 and "erm_head (C=0.1)" in heads, heads
+    assert all("1 (0)" in rows[name] for name in heads)
+
+
+def test_command_flags_of_a_method():
+    from clip_robust_plugins.summary.load import command_flags
+
+    argv = ("clip_benchmark_robust", "eval", "--mitigation", "seraser", "dfr", "--seraser_lr", "1e-2", "--seraser_steps",
+            "100", "--dfr_c_grid", "0.1", "1", "--seraser_black_view", "--seraser_views=masks", "--seed", "0")
+    assert command_flags(argv, "seraser") == {"lr": "1e-2", "steps": "100", "black_view": True, "views": "masks"}
+    assert command_flags(argv, "dfr") == {"c_grid": "0.1 1"}
+    assert command_flags(argv, "zeroshot") == {}

@@ -308,7 +308,7 @@ def evaluate(args: argparse.Namespace, registry: Registry) -> EvalResult | None:
         info = {
             "plugin": owner,
             "needs": spec.needs.to_json(),
-            "settings": dataclasses.asdict(config) if (config := spec_config(spec, args)) is not None else {},
+            "settings": dataclasses.asdict(config) if (config := spec_config(spec, args)) is not None else None,
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(t1 - t0, 4),
             "state_loaded_from": loaded.path if loaded is not None else None,

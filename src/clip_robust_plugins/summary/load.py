@@ -134,26 +134,51 @@ def load_run(path: str, doc: Any = None) -> Run:
     robust = doc["robust"]
     intervals = robust.get("intervals")
     command = robust.get("command_line")
+    command_line = tuple(str(a) for a in command) if isinstance(command, list) else None
     amp = robust.get("amp")
     return Run(
         path=path, dataset=doc["dataset"], model=doc["model"], pretrained=doc["pretrained"],
         seed=robust.get("seed"), split=split, groups=tuple(str(g) for g in groups),
         methods=tuple(order), baseline=baseline, metrics=metrics,
         intervals=intervals if isinstance(intervals, dict) else None,
-        settings={m: _settings(methods[m]) for m in order},
+        settings={m: _settings(methods[m], m, command_line) for m in order},
         dataset_settings=_dataset_settings(robust.get("dataset_source")),
         amp=amp if isinstance(amp, bool) else None,
-        command_line=tuple(str(a) for a in command) if isinstance(command, list) else None,
+        command_line=command_line,
     )
 
 
-def _settings(info: Any) -> dict[str, Any] | None:
-    """A method's recorded settings, flattened to dotted keys (``{}``: the method declares none;
-    None: the file does not record them)."""
+def _settings(info: Any, method: str, command: tuple[str, ...] | None) -> dict[str, Any] | None:
+    """A method's settings, flattened to dotted keys: the values of its option dataclass as recorded
+    (``robust.methods.<m>.settings``); for a method that declares none, the ``--<method>_*`` flags
+    of the recorded command line; None when neither is recorded (older files)."""
     settings = info.get("settings") if isinstance(info, dict) else None
-    if settings is None and isinstance(info, dict) and "settings" in info:
-        return {}
-    return flatten(settings) if isinstance(settings, dict) else None
+    if isinstance(settings, dict):
+        return flatten(settings)
+    return command_flags(command, method) if command is not None else None
+
+
+def command_flags(command: tuple[str, ...], method: str) -> dict[str, Any]:
+    """The ``--<method>_<key> value...`` flags of a command line as ``{key: "value"}`` (True for a bare flag);
+    a flag the command did not give is absent (it took its default)."""
+    prefix = f"--{method}_"
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(command):
+        token = command[i]
+        i += 1
+        if not token.startswith(prefix):
+            continue
+        key, eq, value = token[len(prefix):].partition("=")
+        if eq:
+            out[key] = value
+            continue
+        values = []
+        while i < len(command) and not command[i].startswith("--"):
+            values.append(command[i])
+            i += 1
+        out[key] = " ".join(values) if values else True
+    return out
 
 
 def _dataset_settings(source: Any) -> dict[str, Any] | None:

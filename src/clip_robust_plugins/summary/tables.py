@@ -188,7 +188,7 @@ def settings_suffix(settings: dict[str, Any] | None, amp: bool | None, others: S
                       for o in others if o.settings is not None}
             if len(values) > 1:
                 value = settings.get(key, missing)
-                parts.append(f"{key}={'-' if value is missing else format_value(value)}")
+                parts.append(f"{key}={'default' if value is missing else format_value(value)}")
     if len({o.amp for o in others}) > 1:
         parts.append({True: "amp", False: "fp32", None: "precision not recorded"}[amp])
     return f"({', '.join(parts)})" if parts else ""
