@@ -233,7 +233,7 @@ def test_skip_bad_samples_does_not_skip_other_bad_input(case, root, evaluate):
 
 
 def test_an_empty_group_declared_empty_is_evaluated(root, evaluate):
-    """A group with no test sample that groups.json also declares empty is fine: count 0, accuracy NaN."""
+    """A group with no test sample that groups.json also declares empty is fine: count 0, accuracy null."""
     edit_split(root, lambda s: [x for x in s if (json.loads(x["json"])["y"], json.loads(x["json"])["a"]) != (1, 1)])
     groups = json.loads((root / "groups.json").read_text())
     groups["split_counts"]["test"][3] = 0
@@ -242,7 +242,7 @@ def test_an_empty_group_declared_empty_is_evaluated(root, evaluate):
     assert rc == 0, err
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["zeroshot/group_count/y:diamond_a:water"] == 0
-    assert metrics["zeroshot/group_acc/y:diamond_a:water"] is None  # NaN is null in the JSON
+    assert metrics["zeroshot/group_acc/y:diamond_a:water"] is None  # strict JSON: null, the reason recorded
     assert metrics["zeroshot/worst_group_name"] != "y:diamond_a:water"
 
 

@@ -11,9 +11,10 @@ from clip_robust_plugins.intervals import interval_config
 from clip_robust_plugins.metrics import (
     _clip_benchmark_metric,
     _group_metric,
-    add_arguments,
     class_metrics,
     group_metrics,
+    null_reason,
+    rates,
     topk_accuracies,
     worst_group_accuracy,
 )
@@ -34,7 +35,7 @@ def test_group_metrics_by_hand():
     assert m["worst_group_acc"] == pytest.approx(1 / 3) and m["worst_group_name"] == "g2"
     assert m["acc_group_mean"] == pytest.approx((1 + 0.5 + 1 / 3 + 1) / 4)
     assert m["acc_train_weighted"] == pytest.approx(0.7 * 1 + 0.1 * 0.5 + 0.1 / 3 + 0.1 * 1)
-    assert m["gap"] == pytest.approx(0.7 - 1 / 3)
+    assert m["gap_sample_mean"] == pytest.approx(0.7 - 1 / 3) and "gap" not in m
     assert m["gap_train_weighted"] == pytest.approx(m["acc_train_weighted"] - 1 / 3)
     for key, value in m.items():
         if isinstance(value, float) and key.startswith(("acc", "group_acc", "worst_group_acc")):
@@ -88,12 +89,32 @@ def test_worst_group_accuracy_matches_group_metrics():
     assert math.isnan(worst_group_accuracy(np.array([], int), np.array([], int), np.array([], int)))
 
 
-def test_interval_flags_from_the_metrics_plugin():
+def test_interval_flags_are_the_group_scores_metrics_options():
+    from clip_robust_plugins.argtypes import add_config_flags
+    from clip_robust_plugins.plugins import build_plugin_manager, collect_registry
+
+    spec = collect_registry(build_plugin_manager()).metrics["group_scores"]
+    assert spec.options is not None and spec.takes_context and spec.option_prefix == ""
     parser = argparse.ArgumentParser()
-    add_arguments(parser=parser.add_argument_group("plugin clip_robust_plugins.metrics"))
+    add_config_flags(parser, spec.options, spec.option_prefix)
     assert interval_config(parser.parse_args([])).bootstrap_samples == 1000  # the dataclass holds the defaults
-    args = parser.parse_args(["--bootstrap_samples", "0", "--ci_level", "0.9"])
+    args = parser.parse_args(["--bootstrap_samples", "0", "--ci_level", "0.9", "--ece_bins", "10"])
     assert (interval_config(args).bootstrap_samples, interval_config(args).ci_level) == (0, 0.9)
-    for bad in (["--ci_level", "1.0"], ["--ci_level", "0"], ["--bootstrap_samples", "-1"]):
+    assert args.ece_bins == 10
+    for bad in (["--ci_level", "1.0"], ["--ci_level", "0"], ["--bootstrap_samples", "-1"], ["--ece_bins", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_rates_is_the_one_per_group_accuracy():
+    labels = np.array([0, 0, 2, 2, 2])
+    counts, hits, acc = rates(labels, np.array([1, 0, 1, 1, 0]), 4)
+    assert list(counts) == [2, 0, 3, 0] and list(hits) == [1, 0, 2, 0]
+    assert acc[0] == 0.5 and acc[2] == pytest.approx(2 / 3) and math.isnan(acc[1]) and math.isnan(acc[3])
+
+
+def test_null_reasons_name_the_cause():
+    assert "fewer than 5 classes" in null_reason("acc5")
+    assert "training-split group counts" in null_reason("acc_train_weighted_ci_low")
+    assert "'y:a_a:x' has no samples" in null_reason("group_acc_ci_high/y:a_a:x")
+    assert "both classes" in null_reason("auroc/a:x")

@@ -65,6 +65,10 @@ _PUBLIC: dict[str, str] = {
     # features a mitigation reads
     "FeatureSet": "features",
     "ImageSetKind": "features",
+    # intervals on the run's shared, seeded resamples (for a metric's own bootstrap)
+    "Resampler": "intervals",
+    "percentile_interval": "intervals",
+    "IntervalConfig": "intervals",
     # flags: one dataclass for a plugin's flags and config
     "option": "argtypes",
     "nested": "argtypes",

@@ -227,6 +227,7 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         eval_argv = demo_eval_argv(demo_args.output_dir, registry) + extra
         print(f"demo: {PROG} {' '.join(eval_argv)}", file=sys.stderr)
         args = build_parser(pm, registry, "eval").parse_args(eval_argv)
+        args.command_line = [PROG, *eval_argv]  # the eval the demo ran, recorded in the results JSON
         run_eval(args, pm, registry)
         from .summary import write_report
 
@@ -235,9 +236,10 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         write_report([args.output], report_dir)
         page = os.path.join(report_dir, "report.html")
         print(f"demo: wrote {out}.json, {out}_predictions.csv, {out}_groups.png and {page}", file=sys.stderr)
-        print(page)  # the last line on stdout: where to look
+        print(os.path.abspath(page), flush=True)  # the last line on stdout: where to look
         return 0
     args, extra = parser.parse_known_args(argv)
+    args.command_line = [PROG, *argv]  # recorded in the results JSON (robust.command_line)
     if extra:  # the subcommand's usage, not the top level's
         _subparsers(parser).choices.get(command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     which = getattr(args, "which", None)
@@ -349,6 +351,7 @@ def run_one(args: argparse.Namespace, registry: Registry) -> None:
     if results is None:  # a torchrun worker rank: rank 0 reports
         return
     for result, out in zip(results, outs):
+        result.dump["robust"]["command_line"] = getattr(args, "command_line", None)
         print(report.format_table(result), file=sys.stdout)
         written = report.write_outputs(
             result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state

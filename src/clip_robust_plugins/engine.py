@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -375,6 +376,8 @@ def score(run: RunPlan, ctx: RunContext, view: MethodContext, spec: MitigationSp
             "plugin": run.registry.owner("mitigations", spec.name),
             "needs": spec.needs.to_json(),
             "labels_used": view.labels_used() if loaded is None else None,  # None: fitted in another run
+            # what the run asked of it: its typed config (None: it declares no options)
+            "settings": dataclasses.asdict(config) if (config := spec_config(spec, run.args)) is not None else None,
             "hyperparameters": mitigation.hyperparameters(),
             "fit_seconds": round(fit_seconds, 4),
             "state_loaded_from": loaded.path if loaded is not None else None,

@@ -8,8 +8,8 @@ Definitions (all fractions in [0, 1]; keys are relative, the engine adds ``<meth
   dataset does not record training counts;
 - ``acc_group_mean``: unweighted mean of the group accuracies;
 - ``worst_group_acc`` and ``worst_group_name``;
-- ``gap`` = ``acc - worst_group_acc`` and ``gap_train_weighted`` = ``acc_train_weighted -
-  worst_group_acc``;
+- ``gap_sample_mean`` = ``acc - worst_group_acc`` and ``gap_train_weighted`` =
+  ``acc_train_weighted - worst_group_acc`` (two quantities, two names);
 - ``worst_class_acc`` and ``balanced_acc`` (mean per-class recall);
 - ``group_acc/<group>`` and ``group_count/<group>`` per group.
 
@@ -18,10 +18,12 @@ NaN, and are excluded from the worst group and from all three averages; the
 train-weighted average renormalises the training proportions over non-empty groups.
 Groupings other than ``default`` get the same keys under ``<grouping>/``.
 
-Intervals (Wilson per group, a within-group bootstrap for the rest, paired differences from
-the baseline) need every method's predictions at once, so they are added after the
-metrics by :func:`clip_robust_plugins.intervals.add_intervals`; this plugin adds their
-flags (``--bootstrap_samples``, ``--ci_level``).
+The metric ``group_scores`` (:mod:`clip_robust_plugins.group_scores`) adds calibration,
+precision/F1 and AUROC per group with their intervals.  The accuracy intervals (Wilson per
+group, a within-group bootstrap for the rest, paired differences from the baseline) need
+every method's predictions at once, so they are added after the metrics by
+:func:`clip_robust_plugins.intervals.add_intervals`.  Values that are undefined stay NaN in
+memory and are written to the results JSON as ``null`` with the reason (:func:`null_reason`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,22 @@ import numpy as np
 
 from .groups import DEFAULT_GROUPING
 from .hookspecs import hookimpl
-from .intervals import IntervalConfig
+from .intervals import group_statistics
 from .records import MetricSpec, Predictions
+
+
+def rates(labels: np.ndarray, correct: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(counts, hits, accuracy)`` per label value ``0..n-1`` (accuracy NaN where the count is 0).
+
+    The one computation of per-group (and per-class) accuracy in this module.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    correct = np.asarray(correct, dtype=np.float64)
+    counts = np.bincount(labels, minlength=n)[:n] if labels.size else np.zeros(n, np.int64)
+    hits = np.bincount(labels, weights=correct, minlength=n)[:n] if labels.size else np.zeros(n)
+    accuracy = np.full(n, np.nan)
+    accuracy[counts > 0] = hits[counts > 0] / counts[counts > 0]
+    return counts, hits, accuracy
 
 
 def group_metrics(
@@ -44,61 +60,40 @@ def group_metrics(
     group_names: Sequence[str],
     train_counts: Sequence[int] | None = None,
 ) -> dict[str, float | str]:
-    """Per-group accuracy and counts, worst group, the three averages and the gaps."""
-    pred, y, groups = np.asarray(pred), np.asarray(y), np.asarray(groups)
-    n_groups = len(group_names)
-    correct = (pred == y).astype(np.float64)
-    counts = np.bincount(groups, minlength=n_groups).astype(np.int64)
-    hits = np.bincount(groups, weights=correct, minlength=n_groups)
+    """Per-group accuracy and counts, worst group, the three averages and the two gaps."""
+    correct = np.asarray(pred) == np.asarray(y)
+    counts, hits, group_acc = rates(groups, correct, len(group_names))
     present = counts > 0
-    group_acc = np.full(n_groups, np.nan)
-    group_acc[present] = hits[present] / counts[present]
-
     out: dict[str, float | str] = {}
     for name, acc, count in zip(group_names, group_acc, counts):
         out[f"group_acc/{name}"] = float(acc)
         out[f"group_count/{name}"] = float(count)
-    acc = float(correct.mean()) if correct.size else math.nan
-    out["acc"] = acc
+    weights = None if train_counts is None else np.asarray(train_counts, dtype=np.float64)[present]
     if present.any():
-        worst = int(np.flatnonzero(present)[np.argmin(group_acc[present])])
-        out["worst_group_acc"] = float(group_acc[worst])
-        out["worst_group_name"] = group_names[worst]
-        out["acc_group_mean"] = float(group_acc[present].mean())
+        stats = group_statistics(hits[present], counts[present], weights)
+        out.update({key: float(value) for key, value in stats.items()})
+        out["worst_group_name"] = group_names[int(np.flatnonzero(present)[np.argmin(group_acc[present])])]
     else:
-        out["worst_group_acc"] = math.nan
+        out.update({key: math.nan for key in ("acc", "worst_group_acc", "acc_group_mean", "acc_train_weighted",
+                                             "gap_sample_mean", "gap_train_weighted")})
         out["worst_group_name"] = ""
-        out["acc_group_mean"] = math.nan
-    weighted = math.nan
-    if train_counts is not None:
-        weights = np.asarray(train_counts, dtype=np.float64) * present
-        if weights.sum() > 0:
-            weighted = float((weights[present] * group_acc[present]).sum() / weights.sum())
-    out["acc_train_weighted"] = weighted
-    out["gap"] = acc - out["worst_group_acc"]
-    out["gap_train_weighted"] = weighted - out["worst_group_acc"]
     return out
 
 
 def worst_group_accuracy(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     """Accuracy of the worst non-empty group (NaN when there are no samples): what model
     selection and hyperparameter choice inside DFR and CFR maximise."""
-    pred, y, groups = np.asarray(pred), np.asarray(y), np.asarray(groups)
+    groups = np.asarray(groups, dtype=np.int64)
     if groups.size == 0:
         return math.nan
-    counts = np.bincount(groups)
-    hits = np.bincount(groups, weights=(pred == y).astype(np.float64), minlength=counts.size)
-    present = counts > 0
-    return float((hits[present] / counts[present]).min())
+    _, _, accuracy = rates(groups, np.asarray(pred) == np.asarray(y), int(groups.max()) + 1)
+    return float(np.nanmin(accuracy))
 
 
 def class_metrics(pred: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, float]:
     """Worst-class accuracy and balanced accuracy (mean recall over classes present)."""
-    pred, y = np.asarray(pred), np.asarray(y)
-    counts = np.bincount(y, minlength=n_classes)
-    hits = np.bincount(y, weights=(pred == y).astype(np.float64), minlength=n_classes)
-    present = counts > 0
-    recall = hits[present] / counts[present]
+    _, _, recall = rates(y, np.asarray(pred) == np.asarray(y), n_classes)
+    recall = recall[np.isfinite(recall)]
     return {
         "worst_class_acc": float(recall.min()) if recall.size else math.nan,
         "balanced_acc": float(recall.mean()) if recall.size else math.nan,
@@ -144,14 +139,36 @@ def _clip_benchmark_metric(p: Predictions) -> dict[str, float]:
     }
 
 
+def _group_scores_metric(p: Predictions, ctx=None, mitigation=None, config=None) -> dict[str, float | str]:
+    from .group_scores import group_scores
+
+    return group_scores(p, config, seed=getattr(ctx, "seed", 0))
+
+
+def null_reason(key: str) -> str:
+    """Why a metric key (relative, without ``<method>/``) can be undefined: what the results JSON records beside its ``null``."""
+    head, _, tail = key.partition("/")
+    base = head.replace("_ci_low", "").replace("_ci_high", "")
+    if base == "acc5":
+        return "top-5 accuracy is undefined with fewer than 5 classes"
+    if "train_weighted" in key:
+        return "the dataset records no training-split group counts (the weights of the train-weighted average)"
+    if base.startswith("auroc") or base == "worst_auroc":
+        return "AUROC needs both classes among the samples (or scores: a method without logits)"
+    if tail and base.startswith(("group_", "delta_")):
+        return f"group {tail!r} has no samples in the evaluated split"
+    if "_ci_" in key:
+        return "no interval: the statistic is undefined in some resample or at the point estimate"
+    return "undefined on this split (no samples where it is computed)"
+
+
 @hookimpl
 def register_metrics(register):
+    from .group_scores import GroupScoresConfig
+
     register(MetricSpec("group", _group_metric, "per-group accuracy/count, worst group, averages, gaps, worst class"))
     register(MetricSpec("clip_benchmark", _clip_benchmark_metric, "clip_benchmark's acc1, acc5, mean_per_class_recall"))
-
-
-@hookimpl
-def add_arguments(parser):
-    from .argtypes import add_config_flags
-
-    add_config_flags(parser, IntervalConfig, "", topic="intervals")
+    register(MetricSpec(
+        "group_scores", _group_scores_metric,
+        "per-group calibration (ECE), precision and F1, AUROC per slice (two-class tasks), with bootstrap intervals",
+        takes_context=True, options=GroupScoresConfig, option_prefix=""))

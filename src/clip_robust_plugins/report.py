@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 from .atomic import write_files
+from .metrics import null_reason
 from .results import EvalResult
 from .states import write_state
 
@@ -22,7 +23,7 @@ SUMMARY_ROWS = (
     ("acc (sample mean)", "acc"),
     ("acc (train-weighted)", "acc_train_weighted"),
     ("acc (group mean)", "acc_group_mean"),
-    ("gap (sample mean - worst)", "gap"),
+    ("gap (sample mean - worst)", "gap_sample_mean"),
     ("gap (train-weighted - worst)", "gap_train_weighted"),
     ("balanced acc", "balanced_acc"),
 )
@@ -116,38 +117,39 @@ def plot_path(results_path: str) -> str:
     return base + "_groups.png"
 
 
-#: why a value is null in the results JSON, by the last part of its key
-NULL_REASONS = {"acc5": "top-5 accuracy is undefined with fewer than 5 classes"}
+def _finite(value, path: tuple[str, ...], nulls: dict[str, str], metric_names: Sequence[str]):
+    """``value`` with every NaN or infinity replaced by None, each recorded once in ``nulls``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if path[:1] == ("metrics",):
+            key = path[1]
+            owner = next((m for m in metric_names if key.startswith(m + "/")), None)
+            relative = key[len(owner) + 1:] if owner else key
+            if relative not in nulls:
+                nulls[relative] = null_reason(relative)
+        else:
+            nulls.setdefault(".".join(path), f"not a finite number ({value})")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, (*path, str(k)), nulls, metric_names) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, (*path, str(i)), nulls, metric_names) for i, v in enumerate(value)]
+    return value
 
 
-def strict_json(dump: dict) -> dict:
-    """``dump`` with every NaN or infinity replaced by null, the reasons recorded once under
-    ``robust.null_values`` (standard JSON: strict parsers reject bare NaN)."""
+def standard_json(dump: dict) -> dict:
+    """The results JSON as strict JSON: NaN and infinities become null, and ``robust.null_values``
+    says once per quantity why (keys relative to the method: ``acc5``, ``group_acc/<g>``, or a dotted path)."""
     nulls: dict[str, str] = {}
-
-    def clean(value, key: str):
-        if isinstance(value, float) and not math.isfinite(value):
-            name = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
-            nulls[key] = NULL_REASONS.get(name, f"not a finite number ({value})")
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return value
-
-    out = clean(dump, "")
+    methods = sorted(dump.get("robust", {}).get("methods", {}), key=len, reverse=True)
+    clean = _finite(dump, (), nulls, methods)
     if nulls:
-        reasons = sorted(set(nulls.values()))
-        out.setdefault("robust", {})["null_values"] = {
-            reason: sorted(k for k, r in nulls.items() if r == reason) for reason in reasons
-        }
-    return out
+        clean.setdefault("robust", {})["null_values"] = dict(sorted(nulls.items()))
+    return clean
 
 
 def _write_json(result: EvalResult, path: str) -> None:
     with open(path, "w") as fh:
-        json.dump(strict_json(result.dump), fh, indent=1, allow_nan=False)
+        json.dump(standard_json(result.dump), fh, indent=1, allow_nan=False)
 
 
 def _write_predictions(result: EvalResult, path: str) -> None:

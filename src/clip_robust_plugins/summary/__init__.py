@@ -15,12 +15,13 @@ from ..hookspecs import hookimpl
 from ..records import CommandContext, CommandSpec
 
 
-def write_report(inputs: list[str], output_dir: str) -> list[str]:
+def write_report(inputs: list[str], output_dir: str, warn=None) -> list[str]:
     """Read the results JSONs in ``inputs`` (files or directories) and write the report into
-    ``output_dir``, all-or-nothing; returns the written paths.  Bad input raises EvalError."""
+    ``output_dir``, all-or-nothing; returns the written paths.  Bad input raises EvalError;
+    ``warn(text)`` gets each warning (default: Python warnings)."""
     from .build import write_report as build
 
-    return build(inputs, output_dir)
+    return build(inputs, output_dir, warn)
 
 
 def _add_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None:
@@ -31,7 +32,7 @@ def _add_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None
 
 
 def _run(args: argparse.Namespace, ctx: CommandContext) -> int:
-    for path in write_report(args.results, args.output_dir):
+    for path in write_report(args.results, args.output_dir, warn=lambda text: print(text, file=sys.stderr)):
         print(f"Wrote {path}", file=sys.stderr)
     return 0
 
@@ -45,5 +46,8 @@ def register_commands(register):
         _run,
         description="Reads results JSONs (or directories of them) and writes DIR/results_long.csv (one row per "
         "dataset, model, pretrained, method, seed and metric, with its interval), DIR/report.md and DIR/report.html "
-        "(per dataset: a leaderboard with mean +/- std over seeds, or the interval of a single run) and PNG plots.",
+        "(per dataset: a leaderboard with mean +/- std over seeds, or the interval of a single run; a method x group "
+        "accuracy table; per-group, forest and scatter figures; the methods' own figures; each run's command line) "
+        "and the PNG figures. A row is one method with one set of recorded settings: runs are averaged only when "
+        "they differ in nothing but the seed.",
     ))

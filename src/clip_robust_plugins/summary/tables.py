@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .load import Run, is_number, short, split_intervals
+from .load import Run, canonical, is_number, short, split_intervals
 
 _WGA = "worst-group acc"
 LONG_COLUMNS = ("dataset", "split", "model", "pretrained", "method", "seed", "metric", "value", "ci_low", "ci_high",
@@ -75,16 +76,29 @@ class Stat:
 
 @dataclass
 class Row:
+    """One method as one set of settings ran it: its runs differ in nothing but the seed."""
+
     model: str
     pretrained: str
     method: str
     baseline: bool
+    settings: dict[str, Any] | None = None  # None: not recorded
+    amp: bool | None = None
     runs: list[Run] = field(default_factory=list)
     stats: dict[str, Stat] = field(default_factory=dict)
+    #: the settings that tell this row from the method's other rows, e.g. ``(steps=100, lr=0.01)``
+    suffix: str = ""
+    #: per group: accuracy over the row's runs (``group_acc/<g>``, Wilson interval for one run)
+    groups: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The method as the page names it: ``seraser (steps=100, lr=0.01)`` when its settings tell it apart."""
+        return f"{self.method} {self.suffix}" if self.suffix else self.method
 
     @property
     def label(self) -> str:
-        return f"{self.model} / {self.pretrained} / {self.method}"
+        return f"{self.model} / {self.pretrained} / {self.name}"
 
     @property
     def seeds(self) -> list[Any]:
@@ -111,10 +125,19 @@ class Section:
     baseline: str
     notes: list[str] = field(default_factory=list)
     error_note: str = ""
+    #: the dataset settings that tell this table from the dataset's other tables, e.g. ``correlation=0.99``
+    variant: str = ""
+    #: samples per group in the evaluated split (from the first run)
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
-        return f"{self.dataset} (split {self.split}, {len(self.groups)} groups)"
+        return f"{self.dataset} (split {self.split}, {len(self.groups)} groups{', ' + self.variant if self.variant else ''})"
+
+    def display(self, row: Row) -> str:
+        """How figures name a row: the method (with its settings), plus the model when the table has several."""
+        models = {(r.model, r.pretrained) for r in self.rows}
+        return row.name if len(models) == 1 else row.label
 
     def best(self, column: Column) -> set[int]:
         """Indices of the rows best in ``column`` (ties all marked)."""
@@ -126,10 +149,49 @@ class Section:
         return {i for i, m in finite if abs(m - target) <= 1e-12}
 
 
+#: keys older results JSONs used for a quantity that now has another name
+LEGACY_KEYS = {"gap_sample_mean": "gap"}
+
+
 def _metric(run: Run, method: str, key: str) -> tuple[float | None, Any, Any]:
     folded = split_intervals(run.method_metrics(method))
-    value, low, high = folded.get(key, (None, None, None))
+    value, low, high = folded.get(key, folded.get(LEGACY_KEYS.get(key, key), (None, None, None)))
     return (float(value) if is_number(value) else None), low, high
+
+
+def format_value(value: Any) -> str:
+    """A setting as a row label shows it: ``0.01``, ``100``, ``a,b``, ``none``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+def settings_suffix(settings: dict[str, Any] | None, amp: bool | None, others: Sequence[Row]) -> str:
+    """The settings of one row that differ among ``others`` (the rows of one method), as ``(k=v, ...)``."""
+    if len(others) < 2:
+        return ""
+    parts = []
+    if settings is None:
+        if any(o.settings is not None for o in others):
+            parts.append("settings not recorded")
+    else:
+        keys = list(dict.fromkeys(k for o in others if o.settings is not None for k in o.settings))
+        missing = object()
+        for key in keys:
+            values = {json.dumps(o.settings.get(key, None), sort_keys=True, default=str)
+                      for o in others if o.settings is not None}
+            if len(values) > 1:
+                value = settings.get(key, missing)
+                parts.append(f"{key}={'default' if value is missing else format_value(value)}")
+    if len({o.amp for o in others}) > 1:
+        parts.append({True: "amp", False: "fp32", None: "precision not recorded"}[amp])
+    return f"({', '.join(parts)})" if parts else ""
 
 
 def _slug(text: str) -> str:
@@ -159,48 +221,79 @@ def build_sections(runs: Sequence[Run]) -> list[Section]:
 
 
 def _section(dataset: str, evaluated: tuple, runs: list[Run], slug: str, variants: list[tuple]) -> Section:
-    split, groups = evaluated
+    split, groups, _ = evaluated
     baseline = runs[0].baseline
     weighted = all(_metric(r, m, "acc_train_weighted")[0] is not None for r in runs for m in r.methods)
-    avg_key, gap_key = ("acc_train_weighted", "gap_train_weighted") if weighted else ("acc", "gap")
+    avg_key, gap_key = ("acc_train_weighted", "gap_train_weighted") if weighted else ("acc", "gap_sample_mean")
     columns = [
         Column(_WGA, "worst_group_acc", True),
-        Column("average acc" + (" (train-weighted)" if weighted else ""), avg_key, True),
-        Column("gap (train-weighted)" if weighted else "gap (sample mean)", gap_key, False),
+        Column("average acc (train-weighted)" if weighted else "average acc (sample mean)", avg_key, True),
+        Column("gap (train-weighted - worst)" if weighted else "gap (sample mean - worst)", gap_key, False),
         Column(f"Δ worst-group vs {baseline}", "delta_worst_group_acc_vs_{baseline}", True),
     ]
-    rows: dict[tuple[str, str, str], Row] = {}
+    rows: dict[tuple, Row] = {}
     for run in runs:
         for method in run.methods:
-            key = (run.model, run.pretrained, method)
-            row = rows.setdefault(key, Row(run.model, run.pretrained, method, method == run.baseline))
+            row = rows.get(run.identity(method))
+            if row is None:
+                row = rows[run.identity(method)] = Row(run.model, run.pretrained, method, method == run.baseline,
+                                                       run.settings.get(method), run.amp)
             row.runs.append(run)
+    families: dict[tuple[str, str, str], list[Row]] = {}
     for row in rows.values():
+        families.setdefault((row.model, row.pretrained, row.method), []).append(row)
+    for row in rows.values():
+        row.suffix = settings_suffix(row.settings, row.amp, families[(row.model, row.pretrained, row.method)])
         for column in columns:
-            stat = Stat([])
-            for run in row.runs:
-                value, low, high = _metric(run, row.method, column.key.format(baseline=run.baseline))
-                if value is not None:
-                    stat.values.append(value)
-                    stat.low, stat.high = low, high
-            if stat.n != 1:
-                stat.low = stat.high = None
-            row.stats[column.title] = stat
+            row.stats[column.title] = _stat(row, column.key)
+        row.groups = {g: _stat(row, f"group_acc/{g}") for g in groups}
     ordered = sorted(rows.values(), key=lambda r: (-_finite(r.stats[columns[0].title].mean), r.label))
-    section = Section(dataset, split, groups, slug, columns, ordered, baseline)
+    section = Section(dataset, split, groups, slug, columns, ordered, baseline, variant=_variant(evaluated, variants))
+    first = runs[0].method_metrics(baseline)
+    section.counts = {g: int(first[f"group_count/{g}"]) for g in groups if is_number(first.get(f"group_count/{g}"))}
     section.notes += _notes(dataset, evaluated, runs, ordered, variants, weighted)
     return section
+
+
+def _stat(row: Row, key: str) -> Stat:
+    """``key`` over the row's runs (``{baseline}`` filled per run); the interval kept for a single run."""
+    stat = Stat([])
+    for run in row.runs:
+        value, low, high = _metric(run, row.method, key.format(baseline=run.baseline))
+        if value is not None:
+            stat.values.append(value)
+            stat.low, stat.high = low, high
+    if stat.n != 1:
+        stat.low = stat.high = None
+    return stat
+
+
+def _variant(evaluated: tuple, variants: list[tuple]) -> str:
+    """The dataset settings in which ``evaluated`` differs from the dataset's other variants."""
+    settings = [json.loads(v[2]) or {} for v in variants]
+    if len({v[2] for v in variants}) < 2:
+        return ""
+    mine = json.loads(evaluated[2]) or {}
+    keys = dict.fromkeys(k for s in settings for k in s)
+    return ", ".join(f"{k}={format_value(mine.get(k))}" for k in keys
+                     if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1)
 
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
+def describe_variant(variant: tuple) -> str:
+    split, groups, settings = variant
+    text = f"split {split} with groups {', '.join(groups)}"
+    return text + (f", dataset settings {settings}" if settings != "null" else "")
+
+
 def _notes(dataset: str, evaluated: tuple, runs: list[Run], rows: list[Row], variants: list[tuple],
            weighted: bool) -> list[str]:
     notes = []
     if len(variants) > 1:
-        others = [f"split {s} with groups {', '.join(g)}" for s, g in variants if (s, g) != evaluated]
+        others = [describe_variant(v) for v in variants if v != evaluated]
         notes.append(
             f"{dataset} was also evaluated differently ({'; '.join(others)}); those runs are in a separate "
             "table and are never averaged with these."
@@ -208,12 +301,15 @@ def _notes(dataset: str, evaluated: tuple, runs: list[Run], rows: list[Row], var
     if not weighted:
         notes.append("average acc is the sample mean (acc): some runs have no training group counts for the "
                      "train-weighted average.")
-    for row in rows:
-        seeds = row.seeds
-        repeated = sorted({str(s) for s in seeds if seeds.count(s) > 1})
-        if repeated:
-            files = ", ".join(short(r.path) for r in row.runs)
-            notes.append(f"{row.label}: several runs with seed {', '.join(repeated)} ({files}); all are counted.")
+    if any(row.suffix for row in rows):
+        notes.append("Rows of one method that differ in a recorded setting are separate rows, named by the settings "
+                     "that differ; only runs that differ in nothing but the seed are averaged.")
+    notes += duplicate_notes(rows)
+    unknown = sorted({short(r.path) for row in rows if row.settings is None and not row.baseline for r in row.runs})
+    if unknown:
+        notes.append(f"no method settings recorded in {', '.join(unknown)} (results JSONs written before settings "
+                     "were recorded, or methods without declared options): their runs are grouped by method and "
+                     "seed only, without comparing settings.")
     constant = [row.label for row in rows
                 if row.stats[_WGA].n > 1 and row.stats[_WGA].std == 0.0]
     if constant:
@@ -224,4 +320,20 @@ def _notes(dataset: str, evaluated: tuple, runs: list[Run], rows: list[Row], var
         missing = ", ".join(short(r.path) for r in runs if r.intervals is None)
         notes.append(f"no intervals recorded in {missing} (written before intervals existed, or with "
                      "--bootstrap_samples 0 for the bootstrap ones).")
+    return notes
+
+
+def duplicate_notes(rows: Sequence[Row]) -> list[str]:
+    """A warning per row in which one seed appears more than once."""
+    notes = []
+    for row in rows:
+        seeds = [canonical(s) for s in row.seeds]
+        for seed in sorted({s for s in seeds if seeds.count(s) > 1}):
+            files = ", ".join(short(r.path) for r in row.runs if canonical(r.seed) == seed)
+            if row.settings is None:
+                notes.append(f"{row.label}: seed {seed} in several files that record no settings ({files}); they may "
+                             "differ in settings; all are counted.")
+            else:
+                notes.append(f"warning: {row.label}: seed {seed} with the same settings in several files ({files}): "
+                             "one run counted twice; pass each run once.")
     return notes
