@@ -277,8 +277,8 @@ def test_plugins_prints_a_table_by_the_names_the_cli_takes(run_cli, crp_plugin_m
     text = " ".join(" ".join(line.split()) for line in lines)
     version = clip_robust_plugins.__version__
     assert f"clip_robust_plugins.datasets.spurious_shapes {version} dataset robust/spurious_shapes" in text
-    assert f"clip_robust_plugins.mitigations.dfr {version} methods dfr, dfr_train" in text
-    assert "checkpoint crp-tiny,spurious_shapes" in text  # the name --pretrained_model takes
+    assert f"clip_robust_plugins.mitigations.dfr {version} methods dfr, dfr_labelfree, dfr_train" in text
+    assert "crp-tiny,spurious_shapes" in text  # the name --pretrained_model takes
     shapes = next(r for r in rows if r["name"] == "clip_robust_plugins.datasets.spurious_shapes")
     assert shapes["registers"]["datasets"] == ["robust/spurious_shapes"]
 
