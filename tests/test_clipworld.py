@@ -21,8 +21,15 @@ from clip_robust_plugins.records import DatasetRequest
 SMALL = dict(world_train_size=40, world_val_size=8, world_test_size=8)
 
 
+def _flags(**given) -> argparse.Namespace:
+    """Parsed --world_* flags as eval gives them: every declared flag present, None unless given."""
+    import dataclasses
+
+    return argparse.Namespace(**{**{f"world_{f.name}": None for f in dataclasses.fields(WorldTaskConfig)}, **given})
+
+
 def _request(root, **flags) -> DatasetRequest:
-    ns = argparse.Namespace(**flags)
+    ns = _flags(**flags)
     return DatasetRequest(root=str(root), options=ns, config=config_from_options(WorldTaskConfig, "world_", ns))
 
 
@@ -95,7 +102,7 @@ def test_presets_counts_and_values(preset):
 
 
 def test_flags_override_the_preset():
-    ns = argparse.Namespace(world_preset="patch", world_correlation=0.7)
+    ns = _flags(world_preset="patch", world_correlation=0.7)
     config = resolve(config_from_options(WorldTaskConfig, "world_", ns), ns)
     assert config.correlation == 0.7 and config.spurious_field == "marker"
 

@@ -186,6 +186,9 @@ def test_torchrun_fine_tuning_equals_one_process_with_the_same_global_batch(shap
     results = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("single", "torchrun")}
     hp = results["torchrun"]["robust"]["methods"]["clip_ft"]["hyperparameters"]
     assert hp["processes"] == 2 and hp["train_images_seen"] == 64
-    assert results["torchrun"]["metrics"] == results["single"]["metrics"]
+    one_m, two_m = results["single"]["metrics"], results["torchrun"]["metrics"]
+    assert set(one_m) == set(two_m)
+    for key, value in one_m.items():  # accuracies equal; probability-based scores (ECE) to float tolerance
+        assert two_m[key] == value or (isinstance(value, float) and abs(two_m[key] - value) < 1e-6), key
     assert (tmp_path / "torchrun_predictions.csv").read_text() == (tmp_path / "single_predictions.csv").read_text()
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["control.json", "single.json", "torchrun.json"]
