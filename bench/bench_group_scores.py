@@ -19,7 +19,7 @@ import numpy as np
 
 from clip_robust_plugins.group_scores import GroupScoresConfig, group_scores
 from clip_robust_plugins.groups import two_field_schema
-from clip_robust_plugins.records import Predictions
+from clip_robust_plugins.specs import Predictions
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from clip_robust_plugins.datasets.clipworld.pretrain import PretrainConfig, samp
 from clip_robust_plugins.datasets.clipworld.render import render, shape_mask
 from clip_robust_plugins.datasets.clipworld.tasks import PRESETS, WorldTaskConfig, iter_split, resolve
 from clip_robust_plugins.datasets.clipworld.vocab import ATTRIBUTES, SCENES, SHAPES
-from clip_robust_plugins.records import DatasetRequest
+from clip_robust_plugins.specs import DatasetRequest
 
 SMALL = dict(world_train_size=40, world_val_size=8, world_test_size=8)
 

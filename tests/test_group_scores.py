@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score, precision_score, roc_auc_score
 
 from clip_robust_plugins.group_scores import GroupScoresConfig, confidence_bins, group_scores, weighted_auroc
 from clip_robust_plugins.groups import Field, GroupSchema, two_field_schema
-from clip_robust_plugins.records import Predictions
+from clip_robust_plugins.specs import Predictions
 
 
 def _predictions(logits, y, a, schema=None, split="test"):

@@ -18,9 +18,10 @@ from clip_robust_plugins import LinearHead, Needs
 from clip_robust_plugins.features import FeatureSet
 from clip_robust_plugins.groups import two_field_schema
 from clip_robust_plugins.metrics import worst_group_accuracy
+from clip_robust_plugins.mitigations import dfr as dfr_labelfree
 from clip_robust_plugins.mitigations.base import RunContext
 from clip_robust_plugins.mitigations.erm_head import ERMHead
-from clip_robust_plugins.mitigations.heads import afr, class_balanced, dfr_labelfree, group_dro, jtt
+from clip_robust_plugins.mitigations.heads import afr, class_balanced, group_dro, jtt
 from clip_robust_plugins.mitigations.heads.solver import fit_softmax
 from clip_robust_plugins.mitigations.linear_head import NEVER, class_rows
 

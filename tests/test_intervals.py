@@ -243,7 +243,7 @@ def test_real_results_json_has_the_interval_keys_for_every_method(crp_eval):
 
 
 def test_table_prints_intervals_where_they_fit():
-    from clip_robust_plugins.report import format_table
+    from clip_robust_plugins.run_output import format_table
 
     correct, groups = _data(p=((0.9, 0.6, 0.5, 0.8, 1.0), (0.85, 0.75, 0.5, 0.7, 1.0), (0.5, 0.5, 0.5, 0.5, 0.5)))
     result = _result(correct, groups)

@@ -18,7 +18,7 @@ from clip_robust_plugins.metrics import (
     topk_accuracies,
     worst_group_accuracy,
 )
-from clip_robust_plugins.records import Predictions
+from clip_robust_plugins.specs import Predictions
 
 NAMES = ["g0", "g1", "g2", "g3"]
 

@@ -16,7 +16,7 @@ from clip_robust_plugins.datasets.files import key_from_path
 from clip_robust_plugins.datasets.imagefolder import load_imagefolder
 from clip_robust_plugins.datasets.subpop import SubpopConfig, load_subpop
 from clip_robust_plugins.datasets.waterbirds import WaterbirdsConfig, load_waterbirds
-from clip_robust_plugins.records import DatasetRequest
+from clip_robust_plugins.specs import DatasetRequest
 from fixture_formats import (
     CELEBA_ATTRIBUTES,
     CELEBA_COUNTS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from clip_robust_plugins.report import standard_json
+from clip_robust_plugins.run_output import standard_json
 
 
 def _strict_load(path):

@@ -30,7 +30,7 @@ from clip_robust_plugins.mitigations.seraser import (
     view_kind,
 )
 from clip_robust_plugins.plugins import PluginError
-from clip_robust_plugins.records import SampleViews
+from clip_robust_plugins.specs import SampleViews
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one torch thread is far faster
 

@@ -20,7 +20,7 @@ from clip_robust_plugins.datasets import spurious_shapes as ss
 from clip_robust_plugins.datasets.base import DatasetError
 from clip_robust_plugins.datasets.wds import GroupedShards
 from clip_robust_plugins.groups import GroupSchema
-from clip_robust_plugins.records import DatasetRequest, DatasetSpec
+from clip_robust_plugins.specs import DatasetRequest, DatasetSpec
 
 ASSETS = Path(ss.__file__).resolve().parents[1] / "assets"
 SMALL = ss.ShapesConfig(train_size=40, val_size=18, test_size=16, correlation=0.9, image_size=24, seed=3)

@@ -125,7 +125,7 @@ def config_from_options(config_cls: type, prefix: str, options: Any, *, owner: s
             continue
         dest = f"{prefix}{f.name}"
         if not hasattr(options, dest):
-            from .plugins import PluginError
+            from .errors import PluginError
 
             raise PluginError(f"{owner or config_cls.__name__}: reads option --{dest}, which this command does not "
                               f"declare (a misspelt option_prefix {prefix!r}, or flags never added)")

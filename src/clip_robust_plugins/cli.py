@@ -41,7 +41,7 @@ from .plugins import (
     describe_plugins,
     plugin_parent_parser,
 )
-from .records import CommandContext
+from .specs import CommandContext
 
 PROG = "clip_benchmark_robust"
 ENV_DEBUG = "CLIP_ROBUST_DEBUG"
@@ -229,7 +229,7 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
         args = build_parser(pm, registry, "eval").parse_args(eval_argv)
         args.command_line = [PROG, *eval_argv]  # the eval the demo ran, recorded in the results JSON
         run_eval(args, pm, registry)
-        from .summary import write_report
+        from .report import write_report
 
         out = os.path.join(demo_args.output_dir, "results")
         report_dir = os.path.join(demo_args.output_dir, "report")
@@ -335,7 +335,7 @@ def run_eval(args: argparse.Namespace, pm, registry: Registry) -> None:
 
 def run_one(args: argparse.Namespace, registry: Registry) -> None:
     """One run through our engine: check, evaluate, print the table, write all-or-nothing."""
-    from . import engine, report
+    from . import engine, run_output
     from .atomic import check_writable
 
     args.device = _device()
@@ -352,8 +352,8 @@ def run_one(args: argparse.Namespace, registry: Registry) -> None:
         return
     for result, out in zip(results, outs):
         result.dump["robust"]["command_line"] = getattr(args, "command_line", None)
-        print(report.format_table(result), file=sys.stdout)
-        written = report.write_outputs(
+        print(run_output.format_table(result), file=sys.stdout)
+        written = run_output.write_outputs(
             result, out, predictions=args.save_predictions, plot=args.plot, save_states=args.save_mitigation_state
         )
         if args.verbose:

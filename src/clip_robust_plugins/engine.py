@@ -1,7 +1,7 @@
 """The evaluation engine: dataset -> features -> mitigations -> metrics -> results.
 
 It knows nothing about any particular dataset, metric or mitigation: all of them come
-from the registry it is handed.  A mitigation's declared :class:`~clip_robust_plugins.records.Needs`
+from the registry it is handed.  A mitigation's declared :class:`~clip_robust_plugins.specs.Needs`
 (and its ``check`` / ``feature_plan``) is all the engine reads about it.
 
 A run is six stages, in this order (each a function below):
@@ -52,8 +52,8 @@ from .evaluation.routing import (
 )
 from .intervals import add_intervals, interval_config
 from .plugins import PluginError, Registry
-from .records import DatasetRequest, MitigationSpec, Predictions
 from .results import EvalResult, MethodResult
+from .specs import DatasetRequest, MitigationSpec, Predictions
 
 if TYPE_CHECKING:  # pragma: no cover
     from .mitigations.base import MethodContext, Mitigation, RunContext

@@ -33,6 +33,11 @@ class EvalError(RuntimeError):
     """A run cannot proceed; the message says why in one line."""
 
 
+class PluginError(RuntimeError):
+    """A plugin broke the rules (duplicate name, wrong record type, unknown name, an undeclared
+    option or split); public as ``clip_robust_plugins.PluginError``."""
+
+
 class PluginFailure(EvalError):
     """A plugin's own code raised: the message names the plugin, what it was doing and the stage.
 
@@ -44,7 +49,6 @@ def passthrough_errors() -> tuple[type[BaseException], ...]:
     """The package's own error types: their message already names the input, shown unchanged."""
     from .datasets.base import DatasetError
     from .groups import GroupSchemaError
-    from .plugins import PluginError
     from .states import StateError
 
     return (EvalError, DatasetError, GroupSchemaError, PluginError, StateError)

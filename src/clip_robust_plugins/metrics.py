@@ -36,7 +36,7 @@ import numpy as np
 from .groups import DEFAULT_GROUPING
 from .hookspecs import hookimpl
 from .intervals import group_statistics
-from .records import MetricSpec, Predictions
+from .specs import MetricSpec, Predictions
 
 
 def rates(labels: np.ndarray, correct: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from typing import Any
 from .compat import clip_benchmark_model_types
 from .errors import EvalError
 from .hookspecs import hookimpl
-from .records import CheckpointSpec, ModelLoaderSpec
+from .specs import CheckpointSpec, ModelLoaderSpec
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_MODEL = "crp-tiny"

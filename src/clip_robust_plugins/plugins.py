@@ -25,7 +25,8 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .records import (
+from .errors import PluginError  # defined with the other error types; public here as always
+from .specs import (
     CheckpointSpec,
     CommandSpec,
     DatasetSpec,
@@ -72,13 +73,11 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.text.roboshot",
     "clip_robust_plugins.mitigations.text.perception_clip",
     "clip_robust_plugins.mitigations.text.tie_star",
-    "clip_robust_plugins.export_command",
-    "clip_robust_plugins.summary",
+    "clip_robust_plugins.export.command",
+    "clip_robust_plugins.report",
 )
 
 
-class PluginError(RuntimeError):
-    """A plugin broke the rules (duplicate name, wrong record type, unknown name)."""
 
 
 class PluginImportWarning(UserWarning):

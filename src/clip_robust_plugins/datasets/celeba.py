@@ -35,7 +35,7 @@ from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
 from ..readers import SPLIT_CODES, FileDataset, FileRow, key_from_path, parse_int, read_csv, read_text, reader_config
-from ..records import DatasetRequest, DatasetSpec
+from ..specs import DatasetRequest, DatasetSpec
 from .base import DatasetError
 
 NAME = "celeba"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..groups import GROUPS_FILE, GroupSchema
-from ..records import DatasetRequest
+from ..specs import DatasetRequest
 from .base import DatasetError
 from .sources import is_remote_root
 from .wds import CLASSNAMES_FILE, TEMPLATES_FILE, GroupedShards

@@ -32,7 +32,7 @@ from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
 from ..readers import FileDataset, FileRow, key_from_path, reader_config
-from ..records import DatasetRequest, DatasetSpec
+from ..specs import DatasetRequest, DatasetSpec
 from .base import DatasetError
 
 NAME = "imagefolder"

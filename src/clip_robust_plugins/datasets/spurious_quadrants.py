@@ -50,7 +50,7 @@ from PIL import Image
 from ..argtypes import option
 from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
-from ..records import CheckpointSpec, DatasetRequest, DatasetSpec
+from ..specs import CheckpointSpec, DatasetRequest, DatasetSpec
 from .base import DatasetError, RobustDataset
 from .generated import config_json, generator_metadata, open_generated, progress_bars
 from .spurious_shapes import CLASSNAMES, TEMPLATES, mask_box, render_sample

@@ -43,7 +43,7 @@ from PIL import Image
 from ..argtypes import option
 from ..groups import GroupSchema, two_field_schema
 from ..hookspecs import hookimpl
-from ..records import DatasetRequest, DatasetSpec
+from ..specs import DatasetRequest, DatasetSpec
 from .base import DatasetError, RobustDataset
 from .generated import config_json, generator_metadata, open_generated, progress_bars
 

@@ -30,7 +30,7 @@ from ..argtypes import option
 from ..groups import two_field_schema
 from ..hookspecs import hookimpl
 from ..readers import FileDataset, FileRow, key_from_path, parse_int, read_csv, reader_config, resolve_under, split_name
-from ..records import DatasetRequest, DatasetSpec
+from ..specs import DatasetRequest, DatasetSpec
 from .base import DatasetError
 
 NAME = "subpop"

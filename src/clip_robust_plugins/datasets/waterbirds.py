@@ -34,7 +34,7 @@ from ..readers import (
     reader_config,
     resolve_under,
 )
-from ..records import DatasetRequest, DatasetSpec
+from ..specs import DatasetRequest, DatasetSpec
 from .base import DatasetError
 
 NAME = "waterbirds"

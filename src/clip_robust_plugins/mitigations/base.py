@@ -2,7 +2,7 @@
 
 A mitigation is created unfitted from its own typed config; ``check(ctx)`` tests its
 preconditions before any work; ``fit(ctx)`` reads what it declared in its
-:class:`~clip_robust_plugins.records.Needs` from the :class:`MethodContext` it is handed
+:class:`~clip_robust_plugins.specs.Needs` from the :class:`MethodContext` it is handed
 (the run's :class:`RunContext` restricted to those splits and labels); ``predict(ctx,
 split)`` returns logits row-aligned with ``ctx.features(split)``.  States are flat dicts of
 tensors (saved with safetensors, never pickled).  Importing this module imports no torch.
@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..records import ModelTriple
+from ..specs import ModelTriple
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..datasets.base import RobustDataset
     from ..features import FeatureExtractor, FeatureKind, FeatureSet
     from ..plugins import Registry
-    from ..records import Needs
+    from ..specs import Needs
 
 
 class RunContext:
@@ -220,7 +220,7 @@ LABEL_LEVELS = ("none", "class", "group")
 
 
 class MethodContext:
-    """The run context as one method sees it, enforcing its :class:`~clip_robust_plugins.records.Needs`.
+    """The run context as one method sees it, enforcing its :class:`~clip_robust_plugins.specs.Needs`.
 
     Everything of the :class:`RunContext` is there, except that features (and the dataset's
     samples) of a split are refused unless the split is the evaluated one or one of

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..argtypes import at_least, option, positive_float
 from ..hookspecs import hookimpl
-from ..records import Needs
+from ..specs import Needs
 from .linear_head import NEVER, LinearHead  # noqa: F401 - NEVER re-exported for older imports
 
 NAME = "erm_head"

@@ -16,7 +16,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..groups import DEFAULT_GROUPING
-from ..records import MitigationSpec, Needs
+from ..specs import MitigationSpec, Needs
 from .base import Mitigation, RunContext
 
 if TYPE_CHECKING:  # pragma: no cover - typing only

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..hookspecs import hookimpl
-from ..records import MitigationSpec, Needs
+from ..specs import MitigationSpec, Needs
 from .base import Mitigation, RunContext
 
 if TYPE_CHECKING:  # pragma: no cover

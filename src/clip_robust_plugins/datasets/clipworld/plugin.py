@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ...hookspecs import hookimpl
-from ...records import DatasetRequest, DatasetSpec
+from ...specs import DatasetRequest, DatasetSpec
 from ..base import RobustDataset
 from .tasks import GENERATOR_VERSION, NAME, SPLITS, WorldTaskConfig, generate, resolve
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ...hookspecs import hookimpl
 from ...lazy import lazy_getattr
-from ...records import MitigationSpec, ModelLoaderSpec, Needs
+from ...specs import MitigationSpec, ModelLoaderSpec, Needs
 from .config import (
     CITATION,
     ERM_SELECTIONS,

@@ -7,7 +7,7 @@ Protocol, deviations and measured numbers: docs/methods/contrastive_adapter.md.
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from .config import CITATION, NAME, PREFIX, ContrastiveAdapterConfig
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...argtypes import at_least, fraction, option, positive_float
 from ...hookspecs import hookimpl
-from ...records import Needs
+from ...specs import Needs
 from .common import RobustHead
 
 NAME = "afr"

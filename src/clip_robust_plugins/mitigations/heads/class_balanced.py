@@ -13,7 +13,7 @@ import numpy as np
 
 from ...argtypes import at_least, fraction, option
 from ...hookspecs import hookimpl
-from ...records import Needs
+from ...specs import Needs
 from .common import RobustHead
 
 NAME = "class_balanced_head"

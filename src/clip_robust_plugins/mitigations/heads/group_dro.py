@@ -14,7 +14,7 @@ import numpy as np
 
 from ...argtypes import at_least, fraction, option, positive_float
 from ...hookspecs import hookimpl
-from ...records import Needs
+from ...specs import Needs
 from ..linear_head import class_rows
 from .common import RobustHead
 

@@ -19,7 +19,7 @@ _NAMES: dict[str, str] = {
                      "influence_score", "precision_at_k", "top_regions_for_prediction", "validity_check"),
                     "discovery"),
     **dict.fromkeys(("DiscoveryRun", "RegionInfo", "discover", "read_region_info"), "split_discovery"),
-    **dict.fromkeys(("REPORT_FORMAT", "build_report", "format_summary"), "report"),
+    **dict.fromkeys(("REPORT_FORMAT", "build_report", "format_summary"), "discovery_report"),
     **dict.fromkeys(("context_from_args", "run_discover"), "command"),
     **dict.fromkeys(("clip_loss", "label_to_region_loss", "parse_caption_labels", "region_to_label_loss",
                      "relevant_regions"), "losses"),

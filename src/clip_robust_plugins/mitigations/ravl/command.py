@@ -9,8 +9,8 @@ from typing import Any
 from ...datasets.base import DatasetError
 from ..base import RunContext
 from .configs import discovery_config, region_config
+from .discovery_report import build_report, format_summary, write_json
 from .proposers import make_proposer
-from .report import build_report, format_summary, write_json
 from .sheet import collect_samples, sheet_rows, write_sheet
 from .split_discovery import discover
 

@@ -7,7 +7,7 @@ Torch-free at import: every implementation module is imported inside the callabl
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
-from ...records import CommandSpec, MetricSpec, MitigationSpec, ModelLoaderSpec, Needs, RegionProposerSpec
+from ...specs import CommandSpec, MetricSpec, MitigationSpec, ModelLoaderSpec, Needs, RegionProposerSpec
 from .configs import BASELINE, CITATION, NAME, PREFIX, BoxesOptions, FineTuneConfig, GridOptions, RavlConfig
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...datasets.base import DatasetError, SampleImage
-from ...records import Box
+from ...specs import Box
 
 
 def grid_boxes(width: int, height: int, n: int) -> list[Box]:

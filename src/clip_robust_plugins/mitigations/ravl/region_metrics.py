@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...datasets.base import DatasetError, SampleImage
-from ...records import Box, Predictions
+from ...specs import Box, Predictions
 from .proposers import as_boxes
 
 KIND_NAME = "object_region"

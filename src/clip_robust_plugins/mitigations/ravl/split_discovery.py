@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...datasets.base import DatasetError, SampleImage
-from ...records import Box
+from ...specs import Box
 from ..base import RunContext
 from .configs import DiscoveryConfig
 from .discovery import Discovery, discover_from_embeddings, precision_at_k

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ...hookspecs import hookimpl
 from ...lazy import lazy_getattr
-from ...records import MitigationSpec, Needs, ViewProviderSpec
+from ...specs import MitigationSpec, Needs, ViewProviderSpec
 from .config import (  # noqa: F401 - re-exported
     AUTO,
     AUTO_FALLBACK,

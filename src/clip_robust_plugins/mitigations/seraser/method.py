@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ...datasets.base import SampleImage
-from ...records import SampleViews
+from ...specs import SampleViews
 from ..base import Mitigation, RunContext
 from .annotations import resolve_views
 from .config import MODEL_SCALE, NAME, SEraserConfig, SEraserError

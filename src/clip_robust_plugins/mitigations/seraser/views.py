@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ...datasets.base import DatasetError, SampleImage
 from ...plugins import PluginError
-from ...records import SampleViews
+from ...specs import SampleViews
 from .config import NAME, ViewOptions
 
 #: neutral grey: the ``gray`` fills

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ...argtypes import option
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from . import linalg
 from .common import as_tensor, head_rows, text_matrix
 from .orth_proj import CITATION, OrthProj

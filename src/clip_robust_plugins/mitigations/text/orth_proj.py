@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from . import linalg
 from .common import SCALE, TextMethod, as_tensor, head_rows, text_matrix
 from .prompts import PromptConfig

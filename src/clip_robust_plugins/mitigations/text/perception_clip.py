@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ...argtypes import option, positive_float
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from . import linalg
 from .common import SCALE, TextMethod, as_tensor, averaged, image_rows
 from .prompts import PromptConfig

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...argtypes import option
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from . import encode, linalg
 from .common import SCALE, TextMethod, as_tensor, head_rows, image_rows
 

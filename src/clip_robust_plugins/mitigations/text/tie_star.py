@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ...argtypes import option
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from . import linalg
 from .common import SCALE, TextMethod, as_tensor, averaged, head_rows, image_rows
 from .prompts import PromptConfig

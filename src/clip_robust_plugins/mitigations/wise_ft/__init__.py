@@ -6,7 +6,7 @@ Protocol, deviations and measured numbers: docs/methods/wise_ft.md.
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
-from ...records import MitigationSpec, Needs
+from ...specs import MitigationSpec, Needs
 from .config import CITATION, NAME, PREFIX, WiseFTConfig
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .hookspecs import hookimpl
-from .records import CommandContext, CommandSpec
+from ..hookspecs import hookimpl
+from ..specs import CommandContext, CommandSpec
 
 
 def add_export_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None:
     """Export's own flags, plus the flags of the plugins that register datasets (a dataset reads its own)."""
-    from .argtypes import at_least
-    from .plugins import add_plugin_flags, add_spec_flags
+    from ..argtypes import at_least
+    from ..plugins import add_plugin_flags, add_spec_flags
 
     parser.add_argument("--dataset", required=True, help="robust/NAME (see `clip_benchmark_robust plugins`)")
     parser.add_argument("--dataset_root", required=True, help="where the source dataset is")
@@ -34,7 +34,7 @@ def add_export_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -
 
 
 def run_export_command(args: argparse.Namespace, ctx: CommandContext) -> int:
-    from .export import run_export
+    from .shards import run_export
 
     return run_export(args, ctx.plugin_manager, ctx.registry)
 

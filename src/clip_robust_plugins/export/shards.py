@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
-from .argtypes import spec_config
-from .datasets.base import DatasetError, RobustDataset, SampleImage
-from .datasets.files import FileRow
-from .datasets.wds import EncodedImage, write_grouped_dataset
-from .groups import GROUPS_FILE, GroupSchema, GroupSchemaError
-from .plugins import Registry, per_plugin_callers
-from .records import DatasetRequest
+from .. import __version__
+from ..argtypes import spec_config
+from ..datasets.base import DatasetError, RobustDataset, SampleImage
+from ..datasets.files import FileRow
+from ..datasets.wds import EncodedImage, write_grouped_dataset
+from ..groups import GROUPS_FILE, GroupSchema, GroupSchemaError
+from ..plugins import Registry, per_plugin_callers
+from ..specs import DatasetRequest
 
 ROBUST_PREFIX = "robust/"
 #: PIL formats copied byte for byte, and the shard entry they go under

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..hookspecs import hookimpl
-from ..records import CommandContext, CommandSpec
+from ..specs import CommandContext, CommandSpec
 
 
 def write_report(inputs: list[str], output_dir: str, warn=None) -> list[str]:

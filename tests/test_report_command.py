@@ -15,9 +15,9 @@ import pytest
 
 from clip_robust_plugins import Mitigation, MitigationSpec, cli, hookimpl, option
 from clip_robust_plugins.pytest_plugin import TINY_SHARDS_FLAGS
-from clip_robust_plugins.summary import write_report
-from clip_robust_plugins.summary.build import ReportWarning
-from clip_robust_plugins.summary.load import interval_of
+from clip_robust_plugins.report import write_report
+from clip_robust_plugins.report.build import ReportWarning
+from clip_robust_plugins.report.load import interval_of
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def test_the_page_shows_the_methods_figures_the_discovery_sheet_and_the_commands
 
 
 def test_the_scatter_labels_methods_on_one_spot_together():
-    from clip_robust_plugins.summary.plots import label_clusters, place_labels
+    from clip_robust_plugins.report.plots import label_clusters, place_labels
 
     points = [(0.95, 0.39, "zeroshot"), (0.95, 0.39, "erm_head"), (0.953, 0.41, "ravl"), (0.7, 0.6, "cfr")]
     labels = label_clusters(points)
@@ -332,7 +332,7 @@ def test_a_builtin_run_with_other_flags_is_its_own_row(crp_eval, tmp_path):
 
 
 def test_command_flags_of_a_method():
-    from clip_robust_plugins.summary.load import command_flags
+    from clip_robust_plugins.report.load import command_flags
 
     argv = ("clip_benchmark_robust", "eval", "--mitigation", "seraser", "dfr", "--seraser_lr", "1e-2", "--seraser_steps",
             "100", "--dfr_c_grid", "0.1", "1", "--seraser_black_view", "--seraser_views=masks", "--seed", "0")
