@@ -40,8 +40,13 @@ class Tpt(Mitigation):
         """The evaluated split's views, extracted in that split's pass (one decode per image)."""
         return {ctx.eval_split: [self.kind(ctx)]}
 
+    def check(self, ctx: RunContext) -> None:
+        """Before any extraction: the text tower can be prompt-tuned, the context fits, the scale exists."""
+        self._encoder(ctx)
+        self.logit_scale(ctx.model)
+
     def fit(self, ctx: RunContext) -> None:
-        """Nothing is fitted before test; this checks the text tower and builds the prompts early."""
+        """Nothing is fitted before test (the prompt is reset per image)."""
         self._encoder(ctx)
 
     def _encoder(self, ctx: RunContext) -> PromptEncoder:
