@@ -87,6 +87,12 @@ def test_tuning_keeps_the_views_numpy_chooses(crp_tiny_model):
     np.testing.assert_allclose(out.logits.numpy(), 20.0 * image.numpy() @ text.T, rtol=1e-4, atol=1e-4)
 
 
+def test_defaults_are_the_papers():
+    c = TptConfig()
+    assert (c.views, c.selection, c.steps, c.lr, c.weight_decay) == (63, 0.1, 1, 5e-3, 0.01)
+    assert (c.ctx_init, c.n_ctx, c.class_prompt, c.logit_scale) == ("a photo of a", None, "{c}.", "model")
+
+
 def test_selected_count_follows_the_authors_rounding():
     assert TptConfig().n_selected == 6  # int(64 * 0.1)
     assert TptConfig(views=3, selection=0.1).n_selected == 1  # never zero views
