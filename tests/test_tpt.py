@@ -204,3 +204,14 @@ def test_inconsistent_context_is_refused_before_extraction(run_cli, shapes_flags
     )
     assert rc == 2 and "--tpt_n_ctx 3" in err and "4 tokens" in err
     assert not (tmp_path / "res.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_empty_init_tunes_four_random_context_vectors(run_cli, shapes_flags, tmp_path):
+    out = tmp_path / "res.json"
+    rc, _, err = run_cli(
+        "eval", *shapes_flags, *TINY, "--mitigation", "tpt", "--tpt_views", "3", "--tpt_ctx_init", "",
+        "--feature_cache", tmp_path / "cache", "--output", out,
+    )
+    assert rc == 0, err[-2000:]
+    hp = json.loads(out.read_text())["robust"]["methods"]["tpt"]["hyperparameters"]
+    assert hp["n_ctx_used"] == 4 and hp["prompts"][0] == "X X X X square." and hp["n_selected"] == 1
