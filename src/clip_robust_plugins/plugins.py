@@ -65,6 +65,7 @@ BUILTIN_PLUGINS = (
     "clip_robust_plugins.mitigations.cfr",
     "clip_robust_plugins.mitigations.ravl.plugin",
     "clip_robust_plugins.mitigations.seraser",
+    "clip_robust_plugins.mitigations.tpt",
     "clip_robust_plugins.mitigations.wise_ft",
     "clip_robust_plugins.mitigations.contrastive_adapter",
     "clip_robust_plugins.mitigations.text.group_prompts",
