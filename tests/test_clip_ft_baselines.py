@@ -107,3 +107,38 @@ def test_both_baselines_in_ravl_protocol_end_to_end(run_cli, quadrants_flags, tm
     uniform = json.loads((tmp_path / "uniform.json").read_text())["robust"]["methods"]["clip_ft"]["hyperparameters"]
     assert uniform["sampling_used"] == {"sampling": "uniform"}
     assert uniform["losses_per_epoch"] != ft["hyperparameters"]["losses_per_epoch"]
+
+
+@pytest.mark.slow
+def test_upsampling_and_group_dro_under_torchrun_equal_one_process(quadrants_root, tmp_path):
+    """Every rank draws the same weighted epoch (rank 0 sends the weights) and updates the same GroupDRO
+    weights from the gathered global batch: 2 ranks give one process's predictions and group weights."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import QSMALL
+
+    script = shutil.which("clip_benchmark_robust")
+    assert script, "the clip_benchmark_robust console script is not installed"
+    flags = ["eval", "--dataset", "robust/spurious_quadrants", "--dataset_root", str(quadrants_root),
+             *[x for k, v in QSMALL.items() for x in (f"--quadrants_{k}", str(v))],
+             "--model", "crp-tiny", "--pretrained", "spurious_quadrants", "--no_amp", "--num_workers", "0", "--quiet",
+             "--mitigation", "clip_ft_group_dro", "--ravl_sampling", "upsample", "--ravl_lr", "1e-4",
+             "--ravl_batch_size", "16", "--save_predictions"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    for name, launcher in (("single", []), ("torchrun", torchrun)):
+        cmd = [*launcher, script, *flags, "--output", str(tmp_path / f"{name}.json"),
+               "--feature_cache", str(tmp_path / f"features_{name}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    hp = {n: json.loads((tmp_path / f"{n}.json").read_text())["robust"]["methods"]["clip_ft_group_dro"]["hyperparameters"]
+          for n in ("single", "torchrun")}
+    assert hp["torchrun"]["processes"] == 2 and hp["single"]["processes"] == 1
+    assert hp["torchrun"]["sampling_used"] == hp["single"]["sampling_used"]
+    q1, q2 = hp["single"]["group_weights_final"], hp["torchrun"]["group_weights_final"]
+    assert q1.keys() == q2.keys() and all(abs(q1[k] - q2[k]) < 1e-4 for k in q1)
+    assert (tmp_path / "torchrun_predictions.csv").read_text() == (tmp_path / "single_predictions.csv").read_text()
