@@ -88,25 +88,27 @@ def test_both_baselines_in_ravl_protocol_end_to_end(run_cli, quadrants_flags, tm
     assert ft["hyperparameters"]["start_checkpoint"] == "spurious_shapes"
     q = dro["hyperparameters"]["group_weights_final"]
     assert len(q) == 4 and sum(q.values()) == pytest.approx(1.0, abs=1e-4)
-    # the upsampled set: the start model's zero-shot errors on train, counted directly from its predictions
-    sampling = ft["hyperparameters"]["sampling_used"]
-    rc, _, err = run_cli("eval", *[a if a != "spurious_quadrants" else "spurious_shapes" for a in quadrants_flags],
-                         "--feature_cache", tmp_path / "cache", "--split", "train", "--save_predictions", "--quiet",
-                         "--output", tmp_path / "start.json")
-    assert rc == 0, err
-    rows = list(csv.DictReader(open(tmp_path / "start_predictions.csv")))
-    wrong = sum(r["y"] != r["pred_zeroshot"] for r in rows)
-    assert sampling["misclassified"] == wrong and sampling["train_images"] == len(rows)
-    assert sampling["factor_used"] == pytest.approx((len(rows) - wrong) / wrong, abs=1e-4)
     for name in ("clip_ft", "clip_ft_group_dro"):
         for key in ("acc", "worst_group_acc", "region_acc", "region_worst_group_acc"):
             assert 0.0 <= dump["metrics"][f"{name}/{key}"] <= 1.0
-    # upsampling changes the fit: uniform sampling gives another fine-tuned model
-    rc, _, err = run_cli("eval", *common, "--mitigation", "clip_ft", "--output", tmp_path / "uniform.json")
+    # upsampling the start's errors instead (spurious_shapes, the --ravl_init model) gives another fit
+    rc, _, err = run_cli("eval", *common, "--mitigation", "clip_ft", "--ravl_sampling", "upsample",
+                         "--ravl_upsample_errors_of", "start", "--output", tmp_path / "start_errors.json")
     assert rc == 0, err
-    uniform = json.loads((tmp_path / "uniform.json").read_text())["robust"]["methods"]["clip_ft"]["hyperparameters"]
-    assert uniform["sampling_used"] == {"sampling": "uniform"}
-    assert uniform["losses_per_epoch"] != ft["hyperparameters"]["losses_per_epoch"]
+    start_hp = json.loads((tmp_path / "start_errors.json").read_text())["robust"]["methods"]["clip_ft"]["hyperparameters"]
+    assert start_hp["losses_per_epoch"] != ft["hyperparameters"]["losses_per_epoch"]
+    # each upsampled set is its model's zero-shot errors on train, counted directly from its predictions
+    for sampling, checkpoint in ((ft["hyperparameters"]["sampling_used"], "spurious_quadrants"),
+                                 (start_hp["sampling_used"], "spurious_shapes")):
+        flags = [a if a != "spurious_quadrants" else checkpoint for a in quadrants_flags]
+        rc, _, err = run_cli("eval", *flags, "--feature_cache", tmp_path / "cache", "--split", "train",
+                             "--save_predictions", "--quiet", "--output", tmp_path / f"{checkpoint}.json")
+        assert rc == 0, err
+        rows = list(csv.DictReader(open(tmp_path / f"{checkpoint}_predictions.csv")))
+        wrong = sum(r["y"] != r["pred_zeroshot"] for r in rows)
+        assert checkpoint in sampling["rule"] and sampling["train_images"] == len(rows)
+        assert sampling["misclassified"] == wrong
+        assert sampling["factor_used"] == pytest.approx((len(rows) - wrong) / wrong, abs=1e-4)
 
 
 @pytest.mark.slow

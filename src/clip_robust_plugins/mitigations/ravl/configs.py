@@ -24,6 +24,7 @@ POSITIVE_REGIONS = ("all", "relevant")
 NEGATIVES = ("spurious", "spurious+other_classes")
 SPURIOUS_REGIONS = ("discovered", "oracle")
 SAMPLINGS = ("uniform", "upsample")
+ERROR_SOURCES = ("evaluated", "start")
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,16 @@ class ClipFtConfig(FineTuneConfig):
     """``clip_ft``'s settings: the shared fine-tuning flags plus the train sampling (JTT-style upsampling)."""
 
     sampling: str = option("uniform", "clip_ft: train sampling; upsample = weighted sampling with replacement that "
-                                      "upweights the train images the start model's zero-shot head misclassifies "
+                                      "upweights the train images a model's zero-shot head misclassifies "
                                       "(JTT-style; class labels only)", choices=SAMPLINGS)
     upsample_factor: float = option(0.0, "clip_ft --ravl_sampling upsample: weight of a misclassified train image "
                                          "relative to a correct one; 0 = n_correct / n_misclassified (both sets "
                                          "weigh the same in total)", type=non_negative)
+    upsample_errors_of: str = option("evaluated", "clip_ft --ravl_sampling upsample: whose zero-shot errors on train "
+                                                  "are upsampled: the evaluated model (JTT's identification model: "
+                                                  "the one that learned the train set's shortcut) or the fine-tuning's "
+                                                  "start (--ravl_init; the same model without it)",
+                                     choices=ERROR_SOURCES)
 
 
 @dataclass(frozen=True)

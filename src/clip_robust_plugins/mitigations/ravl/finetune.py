@@ -99,7 +99,7 @@ class RegionAwareFineTune(Mitigation):
         return isinstance(self.config, ClipFtConfig) and self.config.sampling == "upsample"
 
     def feature_plan(self, ctx: RunContext, fitting: bool) -> Mapping[str, Sequence[Any]]:
-        if fitting and self.upsampling and self.config.init is None:  # the start model's zero-shot errors on train
+        if fitting and self.upsampling and self._errors_model() is None:  # the evaluated model's errors on train
             return {"train": ["image"]}
         if not fitting or not self.region_aware or self.config.spurious_regions == "oracle":
             return {}
@@ -173,13 +173,7 @@ class RegionAwareFineTune(Mitigation):
             "processes": dp.world_size if dp is not None else 1,
             "seconds": {"discovery": round(t_discovery - t0, 3), "training": round(t_end - t_discovery, 3)},
         }
-        if isinstance(cfg, ClipFtConfig):
-            info["sampling_used"] = sampling_info or {"sampling": "uniform"}
-            info["objective"] = self.objective
-        if dro is not None:
-            info["labels_used"] = ["class", "group (train)"]
-            info["group_weights_final"] = {name: round(float(q), 5)
-                                           for name, q in zip(ctx.schema.group_names(), dro.q.cpu())}
+        info.update(self._baseline_info(ctx, sampling_info, dro))
         if self.region_aware:
             info["spurious_train_regions"] = int(sum(m.sum() for m in self.train_spurious.values()))
             info["regions"] = proposer.config
@@ -190,19 +184,37 @@ class RegionAwareFineTune(Mitigation):
                                          "train": [f"regions[{proposer.config}]"]}
         self._info = info
 
+    def _errors_model(self) -> str | None:
+        """The checkpoint whose zero-shot errors are upsampled (None: the evaluated model)."""
+        return self.config.init if self.config.upsample_errors_of == "start" else None
+
+    def _baseline_info(self, ctx: RunContext, sampling_info: dict | None, dro: Any) -> dict[str, Any]:
+        """What the robust fine-tuning baselines did (clip_ft and clip_ft_group_dro only)."""
+        if not isinstance(self.config, ClipFtConfig):
+            return {}
+        info: dict[str, Any] = {"sampling_used": sampling_info or {"sampling": "uniform"}, "objective": self.objective}
+        if dro is not None:
+            info["labels_used"] = ["class", "group (train)"]
+            info["group_weights_final"] = {name: round(float(q), 5)
+                                           for name, q in zip(ctx.schema.group_names(), dro.q.cpu())}
+        return info
+
     def _upsampling_weights(self, ctx: RunContext, start: torch.nn.Module,
                             dp: data_parallel.DataParallel | None) -> dict[str, Any]:
-        """``self.sample_weights`` from the start model's zero-shot errors on train (rank 0 computes
+        """``self.sample_weights`` from a model's zero-shot errors on train (rank 0 computes
         them and sends them, so every rank draws the same global batches)."""
-        from .sampling import start_misclassified, upsample_weights
+        from .sampling import upsample_weights, zero_shot_errors
 
         if dp is not None and not dp.is_main:
             self.sample_weights, summary = dp.broadcast_object(None)
             return summary
-        keys, wrong = start_misclassified(ctx, start, self.config.init)
+        errors_of = self._errors_model()
+        keys, wrong = zero_shot_errors(ctx, start, errors_of)
         p, factor = upsample_weights(wrong, self.config.upsample_factor)
         self.sample_weights = dict(zip(keys, p.tolist()))
-        summary = {"sampling": "upsample", "rule": "misclassified by the start model's zero-shot head on train (JTT-style)",
+        who = f"the start model ({errors_of})" if errors_of is not None else f"the evaluated model ({ctx.pretrained})"
+        summary = {"sampling": "upsample", "rule": f"misclassified zero-shot on train by {who} (JTT-style)",
+                   "errors_of": self.config.upsample_errors_of,
                    "misclassified": int(wrong.sum()), "train_images": len(wrong), "factor_used": round(factor, 5),
                    "draws_per_epoch": len(wrong), "with_replacement": True}
         if dp is not None:

@@ -1,5 +1,5 @@
-"""``--ravl_sampling upsample`` of ``clip_ft``: JTT-style upsampling of the train images the start
-model's zero-shot head misclassifies, as weighted sampling with replacement over a streamed split
+"""``--ravl_sampling upsample`` of ``clip_ft``: JTT-style upsampling of the train images a model (the
+evaluated one, or the fine-tuning's start) misclassifies zero-shot, as weighted sampling with replacement over a streamed split
 (protocol: docs/methods/ravl.md, "Robust fine-tuning baselines")."""
 
 from __future__ import annotations
@@ -40,25 +40,25 @@ def repeated(items: Iterable, counts: Mapping[str, int]) -> Iterator:
             yield item
 
 
-def start_misclassified(ctx: RunContext, start: torch.nn.Module, init: str | None) -> tuple[tuple[str, ...], np.ndarray]:
-    """(train keys, misclassified mask) of the fine-tuning's start model, zero-shot on train.
+def zero_shot_errors(ctx: RunContext, model: torch.nn.Module, checkpoint: str | None) -> tuple[tuple[str, ...], np.ndarray]:
+    """(train keys, misclassified mask) of a model zero-shot on train.
 
-    Without ``--ravl_init`` the start is the evaluated model: its cached train features and head.
-    With it, the start model's own train features (cached under its checkpoint, as a run with
-    ``--pretrained INIT`` would cache them) and its own text tower's head."""
+    ``checkpoint`` None: the evaluated model, its cached train features and head.  Else ``model``,
+    loaded from ``checkpoint``: its own train features (cached under that checkpoint, as a run
+    with ``--pretrained CHECKPOINT`` would cache them) and its own text tower's head."""
     from ...features import FeatureExtractor
     from .training import logits_with_head, own_zeroshot_head
 
-    if init is None:
+    if checkpoint is None:
         fs = ctx.features("train")
         logits = ctx.zeroshot_logits(fs.features)
     else:
         ext = ctx.extractor
-        extractor = FeatureExtractor(start, ctx.transform, registry=ctx.registry, model_type=ext.model_type,
-                                     model_name=ext.model_name, pretrained=init, device=ctx.device, amp=ctx.amp,
+        extractor = FeatureExtractor(model, ctx.transform, registry=ctx.registry, model_type=ext.model_type,
+                                     model_name=ext.model_name, pretrained=checkpoint, device=ctx.device, amp=ctx.amp,
                                      batch_size=ext.batch_size, num_workers=ext.num_workers, cache=ext.cache,
                                      progress=ctx.progress)
         fs = extractor.extract(ctx.dataset, ctx.dataset_name, "train", ["image"])["image"]
-        logits = logits_with_head(ctx, fs.features, own_zeroshot_head(ctx, start))
+        logits = logits_with_head(ctx, fs.features, own_zeroshot_head(ctx, model))
     wrong = (logits.argmax(1) != fs.y.long()).numpy()
     return tuple(fs.keys), wrong

@@ -97,10 +97,14 @@ class WiseFTWeights(Mitigation):
 
     # ---- fit
 
-    def _ends(self, ctx: RunContext) -> tuple[dict, dict, dict, str | None, dict]:
-        """(theta_0, theta_1, the start's other parameters, start checkpoint, provenance of theta_1)."""
+    def _ends(self, ctx: RunContext) -> tuple[dict, dict, dict, str | None, dict] | None:
+        """(theta_0, theta_1, the start's other parameters, start checkpoint, provenance of theta_1);
+        None on a torchrun worker rank, whose part ends with the fine-tuning."""
         if self.inner is not None:
             self.inner.fit(ctx)
+            dp = data_parallel.current()
+            if dp is not None and not dp.is_main:
+                return None
             tuned, base = self.inner.visual_state, self.inner.base_state
             init, source = self.inner.config.init, {"fitted_in_run": self.config.finetuned,
                                                     "fit": self.inner.hyperparameters()}
@@ -120,10 +124,10 @@ class WiseFTWeights(Mitigation):
         return zero, {k: v.float() for k, v in tuned.items()}, dict(base), init, source
 
     def fit(self, ctx: RunContext) -> None:
-        dp = data_parallel.current()
-        zero, tuned, base, init, source = self._ends(ctx)
-        if dp is not None and not dp.is_main:  # a worker rank: its part was the fine-tuning
+        ends = self._ends(ctx)
+        if ends is None:
             return
+        zero, tuned, base, init, source = ends
         self.base_state = base
         val = ctx.features("val")
         curve = []
