@@ -9,6 +9,8 @@ from ...argtypes import at_least, config_from_options, fraction, nested, option,
 
 NAME = "ravl"
 BASELINE = "clip_ft"
+#: the oracle reference: clip_ft with GroupDRO over the train group labels (its Needs declare groups)
+GROUP_DRO = "clip_ft_group_dro"
 PREFIX = "ravl_"
 CITATION = (
     "Varma, Delbrouck, Chen, Chaudhari & Langlotz, RaVL: Discovering and Mitigating Spurious Correlations "
@@ -21,6 +23,8 @@ REGION_FEATURES = ("auto", "tokens", "masked", "crops")
 POSITIVE_REGIONS = ("all", "relevant")
 NEGATIVES = ("spurious", "spurious+other_classes")
 SPURIOUS_REGIONS = ("discovered", "oracle")
+SAMPLINGS = ("uniform", "upsample")
+ERROR_SOURCES = ("evaluated", "start")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,40 @@ class FineTuneConfig:
     spurious_regions: str = option("discovered", "which train regions are spurious: the top discovered cluster's, "
                                                  "or (diagnostic only) the labelled ones of --ravl_truth_key",
                                    choices=SPURIOUS_REGIONS)
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ClipFtConfig(FineTuneConfig):
+    """``clip_ft``'s settings: the shared fine-tuning flags plus the train sampling (JTT-style upsampling)."""
+
+    sampling: str = option("uniform", "clip_ft: train sampling; upsample = weighted sampling with replacement that "
+                                      "upweights the train images a model's zero-shot head misclassifies "
+                                      "(JTT-style; class labels only)", choices=SAMPLINGS)
+    upsample_factor: float = option(0.0, "clip_ft --ravl_sampling upsample: weight of a misclassified train image "
+                                         "relative to a correct one; 0 = n_correct / n_misclassified (both sets "
+                                         "weigh the same in total)", type=non_negative)
+    upsample_errors_of: str = option("evaluated", "clip_ft --ravl_sampling upsample: whose zero-shot errors on train "
+                                                  "are upsampled: the evaluated model (JTT's identification model: "
+                                                  "the one that learned the train set's shortcut) or the fine-tuning's "
+                                                  "start (--ravl_init; the same model without it)",
+                                     choices=ERROR_SOURCES)
+
+
+@dataclass(frozen=True)
+class GroupDroFtConfig(ClipFtConfig):
+    """``clip_ft_group_dro``'s settings: clip_ft's plus GroupDRO's step size."""
+
+    dro_eta: float = option(1e-2, "clip_ft_group_dro: GroupDRO step size of the exponentiated group weights "
+                                  "(SubpopBench's default)", type=positive_float)
+
+
 @dataclass(frozen=True)
 class RavlConfig:
     """The ``ravl`` mitigation's settings: fine-tuning (shared with ``clip_ft``), discovery and regions,

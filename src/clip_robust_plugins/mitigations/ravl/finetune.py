@@ -22,7 +22,7 @@ from ...features import FeatureCache, FeatureExtractor
 from ...states import StateError
 from ..base import Mitigation, RunContext
 from . import data_parallel
-from .configs import BASELINE, CITATION, NAME, DiscoveryConfig, FineTuneConfig, RegionConfig
+from .configs import BASELINE, CITATION, GROUP_DRO, NAME, ClipFtConfig, DiscoveryConfig, FineTuneConfig, RegionConfig
 from .loader import apply_state, load_init_model, split_state
 from .losses import clip_loss, label_to_region_loss, parse_caption_labels, region_to_label_loss, relevant_regions
 from .proposers import proposer_for, region_kind
@@ -48,6 +48,10 @@ class RegionAwareFineTune(Mitigation):
                  regions: RegionConfig | None = None, model_type: str = "open_clip"):
         self.method = method
         self.region_aware = method == NAME
+        #: clip_ft_group_dro: GroupDRO over the train groups instead of the plain CLIP loss (see group_dro_loss.py)
+        self.objective = "group_dro" if method == GROUP_DRO else "erm"
+        #: clip_ft's --ravl_sampling upsample: train key -> sampling weight (set in fit)
+        self.sample_weights: dict[str, float] | None = None
         self.config = config
         self.discovery_config = discovery or DiscoveryConfig()
         self.regions = regions or RegionConfig()
@@ -84,13 +88,19 @@ class RegionAwareFineTune(Mitigation):
         if self.config.init is not None and _looks_like_file(self.config.init) and not os.path.isfile(self.config.init):
             raise ValueError(f"--ravl_init {self.config.init}: no such file")
         model_type = self.model_type = ctx.model_type
-        if model_type in (NAME, BASELINE):
+        if model_type in (NAME, BASELINE, GROUP_DRO):
             state = read_state(ctx.pretrained)  # a missing or foreign file is a StateError, now
             if state.method != model_type:
                 raise StateError(f"{ctx.pretrained}: a state of method {state.method!r}, not {model_type!r} "
                                  f"(--model_type {model_type})")
 
+    @property
+    def upsampling(self) -> bool:
+        return isinstance(self.config, ClipFtConfig) and self.config.sampling == "upsample"
+
     def feature_plan(self, ctx: RunContext, fitting: bool) -> Mapping[str, Sequence[Any]]:
+        if fitting and self.upsampling and self._errors_model() is None:  # the evaluated model's errors on train
+            return {"train": ["image"]}
         if not fitting or not self.region_aware or self.config.spurious_regions == "oracle":
             return {}
         _, proposer = proposer_for(ctx, self.regions.regions)
@@ -122,6 +132,7 @@ class RegionAwareFineTune(Mitigation):
         t_discovery = time.perf_counter()
 
         start = ctx.model if cfg.init is None else load_init_model(ctx, cfg.init)
+        sampling_info = self._upsampling_weights(ctx, start, dp) if self.upsampling else None
         model = copy.deepcopy(start).to(ctx.device)
         del start
         model.eval()
@@ -137,7 +148,13 @@ class RegionAwareFineTune(Mitigation):
             if mode == "tokens":
                 ps = model.visual.patch_size
                 patch = (ps, ps) if isinstance(ps, int) else tuple(ps)
-        history, n_images = self._train(ctx, model, TrainViews(ctx.transform, proposer, mode, patch), label_emb, mode)
+        dro = None
+        if self.objective == "group_dro":
+            from .group_dro_loss import GroupDRO
+
+            dro = GroupDRO(ctx.schema.n_groups(), cfg.dro_eta, ctx.device)
+        history, n_images = self._train(ctx, model, TrainViews(ctx.transform, proposer, mode, patch), label_emb, mode,
+                                        dro)
         t_end = time.perf_counter()
         self.visual_state = {k: v.detach().cpu().clone() for k, v in model.visual.state_dict().items()}
         self.base_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()
@@ -149,12 +166,14 @@ class RegionAwareFineTune(Mitigation):
             "trained": "model.visual (every parameter); text tower and logit scale frozen",
             "start_checkpoint": cfg.init if cfg.init is not None else f"{ctx.pretrained} "
                                                                        "(the evaluated model)",
-            "loss": ("(1 - w) L_CLIP + w (L_R + L_A)" if self.region_aware else "L_CLIP"),
+            "loss": ("(1 - w) L_CLIP + w (L_R + L_A)" if self.region_aware
+                     else "GroupDRO over train groups of the per-pair L_CLIP" if dro is not None else "L_CLIP"),
             "losses_per_epoch": history,
             "train_images_seen": n_images,
             "processes": dp.world_size if dp is not None else 1,
             "seconds": {"discovery": round(t_discovery - t0, 3), "training": round(t_end - t_discovery, 3)},
         }
+        info.update(self._baseline_info(ctx, sampling_info, dro))
         if self.region_aware:
             info["spurious_train_regions"] = int(sum(m.sum() for m in self.train_spurious.values()))
             info["regions"] = proposer.config
@@ -165,8 +184,58 @@ class RegionAwareFineTune(Mitigation):
                                          "train": [f"regions[{proposer.config}]"]}
         self._info = info
 
+    def _errors_model(self) -> str | None:
+        """The checkpoint whose zero-shot errors are upsampled (None: the evaluated model)."""
+        return self.config.init if self.config.upsample_errors_of == "start" else None
+
+    def _baseline_info(self, ctx: RunContext, sampling_info: dict | None, dro: Any) -> dict[str, Any]:
+        """What the robust fine-tuning baselines did (clip_ft and clip_ft_group_dro only)."""
+        if not isinstance(self.config, ClipFtConfig):
+            return {}
+        info: dict[str, Any] = {"sampling_used": sampling_info or {"sampling": "uniform"}, "objective": self.objective}
+        if dro is not None:
+            info["labels_used"] = ["class", "group (train)"]
+            info["group_weights_final"] = {name: round(float(q), 5)
+                                           for name, q in zip(ctx.schema.group_names(), dro.q.cpu())}
+        return info
+
+    def _upsampling_weights(self, ctx: RunContext, start: torch.nn.Module,
+                            dp: data_parallel.DataParallel | None) -> dict[str, Any]:
+        """``self.sample_weights`` from a model's zero-shot errors on train (rank 0 computes
+        them and sends them, so every rank draws the same global batches)."""
+        from .sampling import upsample_weights, zero_shot_errors
+
+        if dp is not None and not dp.is_main:
+            self.sample_weights, summary = dp.broadcast_object(None)
+            return summary
+        errors_of = self._errors_model()
+        keys, wrong = zero_shot_errors(ctx, start, errors_of)
+        p, factor = upsample_weights(wrong, self.config.upsample_factor)
+        self.sample_weights = dict(zip(keys, p.tolist()))
+        who = f"the start model ({errors_of})" if errors_of is not None else f"the evaluated model ({ctx.pretrained})"
+        summary = {"sampling": "upsample", "rule": f"misclassified zero-shot on train by {who} (JTT-style)",
+                   "errors_of": self.config.upsample_errors_of,
+                   "misclassified": int(wrong.sum()), "train_images": len(wrong), "factor_used": round(factor, 5),
+                   "draws_per_epoch": len(wrong), "with_replacement": True}
+        if dp is not None:
+            dp.broadcast_object((self.sample_weights, summary))
+        return summary
+
+    def _epoch_stream(self, ctx: RunContext, views_transform: TrainViews, gen: np.random.Generator):
+        """One epoch of train samples: each once (uniform), or each as often as a weighted draw with
+        replacement picks it (upsample)."""
+        stream = torch.utils.data.DataLoader(ctx.dataset.samples("train", views_transform),
+                                             batch_size=None, num_workers=ctx.extractor.num_workers)
+        if self.sample_weights is None:
+            return stream
+        from .sampling import epoch_counts, repeated
+
+        keys = list(self.sample_weights)
+        counts = epoch_counts(np.array([self.sample_weights[k] for k in keys]), gen)
+        return repeated(stream, dict(zip(keys, counts.tolist())))
+
     def _train(self, ctx: RunContext, model: torch.nn.Module, views_transform: TrainViews, label_emb: torch.Tensor,
-               mode: str) -> tuple[list[dict[str, float]], int]:
+               mode: str, dro: Any = None) -> tuple[list[dict[str, float]], int]:
         cfg = self.config
         captions, caption_emb = caption_table(ctx, model)
         offsets = np.cumsum([0] + [len(c) for c in captions])
@@ -181,8 +250,7 @@ class RegionAwareFineTune(Mitigation):
         history = []
         n_images = 0
         for epoch in range(cfg.epochs):
-            stream = torch.utils.data.DataLoader(ctx.dataset.samples("train", views_transform),
-                                                 batch_size=None, num_workers=ctx.extractor.num_workers)
+            stream = self._epoch_stream(ctx, views_transform, gen)
             sums = {"loss": 0.0, "clip": 0.0, "region_to_label": 0.0, "label_to_region": 0.0, "steps": 0}
             bar = tqdm(desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}", unit="img", disable=not ctx.progress,
                        file=sys.stderr, leave=False)
@@ -196,8 +264,15 @@ class RegionAwareFineTune(Mitigation):
                     labels = torch.tensor(parse_caption_labels(batch_captions, ctx.classnames), device=ctx.device)
                     image_emb, region_emb = self._encode(ctx, model, batch, mode, dp, use_amp)
                     image_emb = F.normalize(image_emb.float(), dim=-1)
-                    l_clip = clip_loss(image_emb, caption_emb[picks], labels, cfg.temperature)
-                    loss = l_clip
+                    if dro is not None:
+                        from .group_dro_loss import clip_loss_per_sample
+
+                        groups = torch.from_numpy(ctx.schema.group_ids(np.stack([np.asarray(item[2]) for item in batch])))
+                        per_pair = clip_loss_per_sample(image_emb, caption_emb[picks], labels, cfg.temperature)
+                        l_clip, loss = per_pair.mean(), dro.loss(per_pair, groups.long().to(ctx.device))
+                    else:
+                        l_clip = clip_loss(image_emb, caption_emb[picks], labels, cfg.temperature)
+                        loss = l_clip
                     if self.region_aware:
                         region_emb = F.normalize(region_emb.float(), dim=-1)
                         valid = torch.stack([item[1]["valid"] for item in batch]).to(ctx.device)

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from ...hookspecs import hookimpl
 from ...specs import CommandSpec, MetricSpec, MitigationSpec, ModelLoaderSpec, Needs, RegionProposerSpec
-from .configs import BASELINE, CITATION, NAME, PREFIX, BoxesOptions, FineTuneConfig, GridOptions, RavlConfig
+from .configs import (
+    BASELINE,
+    CITATION,
+    GROUP_DRO,
+    NAME,
+    PREFIX,
+    BoxesOptions,
+    ClipFtConfig,
+    GridOptions,
+    GroupDroFtConfig,
+    RavlConfig,
+)
 
 
 def _create_ravl(config: RavlConfig):
@@ -17,10 +28,16 @@ def _create_ravl(config: RavlConfig):
     return RegionAwareFineTune(NAME, config.finetune, config.discovery, config.regions)
 
 
-def _create_clip_ft(config: FineTuneConfig):
+def _create_clip_ft(config: ClipFtConfig):
     from .finetune import RegionAwareFineTune
 
     return RegionAwareFineTune(BASELINE, config)
+
+
+def _create_clip_ft_group_dro(config: GroupDroFtConfig):
+    from .finetune import RegionAwareFineTune
+
+    return RegionAwareFineTune(GROUP_DRO, config)
 
 
 def _quadrants(config: None):
@@ -90,17 +107,26 @@ def register_mitigations(register):
     ))
     register(MitigationSpec(
         # the fine-tuning flags are ravl's (the same declarations, listed once under ravl)
-        name=BASELINE, create=_create_clip_ft, options=FineTuneConfig, option_prefix=PREFIX,
+        name=BASELINE, create=_create_clip_ft, options=ClipFtConfig, option_prefix=PREFIX,
         needs=Needs(fit_splits=("train",), labels=frozenset({"class"}), feature_kinds=(), live_model=True),
         description="plain fine-tuning of the image tower with the CLIP loss on train image-caption pairs "
-                    "(RaVL's comparison; same --ravl_* training flags)",
+                    "(RaVL's comparison; same --ravl_* training flags; --ravl_sampling upsample: JTT-style "
+                    "upsampling of the start model's zero-shot errors)",
         citation="",
+    ))
+    register(MitigationSpec(
+        # a method of its own because it reads train group labels (Needs are declared per method, up front)
+        name=GROUP_DRO, create=_create_clip_ft_group_dro, options=GroupDroFtConfig, option_prefix=PREFIX,
+        needs=Needs(fit_splits=("train",), labels=frozenset({"class", "group"}), feature_kinds=(), live_model=True),
+        description="clip_ft with GroupDRO over the train group labels (oracle reference; exponentiated group "
+                    "weights, --ravl_dro_eta) on the per-pair CLIP loss",
+        citation="Sagawa, Koh, Hashimoto & Liang, Distributionally Robust Neural Networks for Group Shifts, ICLR 2020",
     ))
 
 
 @hookimpl
 def register_model_loaders(register):
-    for method in (NAME, BASELINE):
+    for method in (NAME, BASELINE, GROUP_DRO):
         register(ModelLoaderSpec(method, _loader(method),
                                  f"a base open_clip model with the image tower fine-tuned by {method}: "
                                  f"--model BASE --pretrained <output>_state_{method}.safetensors", takes_registry=True))

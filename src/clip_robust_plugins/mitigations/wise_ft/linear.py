@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from ...metrics import worst_group_accuracy
 from ..base import Mitigation, RunContext
 from .config import NAME, WiseFTConfig
+from .selection import choose_alpha, curve_row, curve_writer
 
 
 def finetune_head(x: torch.Tensor, y: torch.Tensor, coef0: torch.Tensor, config: WiseFTConfig,
@@ -67,31 +66,20 @@ class WiseFTLinear(Mitigation):
                                                       ctx.torch_generator(NAME))
         ft = (ft_coef, ft_intercept)
         curve = self._curve(ctx, zs, ft)
-        if cfg.select == "fixed":
-            alpha, split = cfg.alpha, None
-        else:
-            key = "val_worst_group_acc" if cfg.select == "worst_group" else "val_acc"
-            best = max(curve, key=lambda r: (r[key], -r["alpha"]))  # ties: the smaller alpha, nearer zero-shot
-            alpha, split = best["alpha"], "val"
+        alpha, split = choose_alpha(curve, cfg.select, cfg.alpha)
         self.coef, self.intercept = interpolate(zs, ft, alpha)
         self._info = {"alpha": alpha, "selection": {"criterion": cfg.select, "split": split}, "curve": curve,
                       "train_loss_per_epoch": [round(v, 5) for v in losses],
-                      "labels_read": ["class"] + (["group (val)"] if cfg.select == "worst_group" else [])}
+                      "labels_read": ["class"] + ({"worst_group": ["group (val)"], "accuracy": ["class (val)"]}
+                                                  .get(cfg.select, []))}
 
     def _curve(self, ctx: RunContext, zs, ft) -> list[dict[str, float]]:
-        """Val accuracy (and, with worst-group selection, worst-group accuracy) at every alpha."""
+        """Val scores at every alpha (labels only as the criterion needs them)."""
         val = ctx.features("val")
-        x, y = val.features.float(), val.y.numpy()
-        groups = val.group_ids().numpy() if self.config.select == "worst_group" else None
-        curve = []
-        for alpha in self.config.alphas:
-            coef, intercept = interpolate(zs, ft, alpha)
-            pred = (x @ coef.T + intercept).argmax(1).numpy()
-            row = {"alpha": float(alpha), "val_acc": float((pred == y).mean())}
-            if groups is not None:
-                row["val_worst_group_acc"] = worst_group_accuracy(pred, y, groups)
-            curve.append(row)
-        return curve
+        x = val.features.float()
+        return [curve_row(alpha, x @ coef.T + intercept, self.config.select, lambda: val.y.numpy(),
+                          lambda: val.group_ids().numpy())
+                for alpha in self.config.alphas for coef, intercept in [interpolate(zs, ft, alpha)]]
 
     def predict(self, ctx: RunContext, split: str) -> torch.Tensor:
         if self.coef is None:
@@ -117,34 +105,4 @@ class WiseFTLinear(Mitigation):
     def plots(self) -> Mapping[str, Callable[[str], None]]:
         if not self._info.get("curve"):
             return {}
-        return {"curve": curve_writer(self._info)}
-
-
-def curve_writer(info: Mapping[str, Any]) -> Callable[[str], None]:
-    """``writer(png_path)``: val accuracy (and worst-group accuracy) over alpha, the chosen alpha marked."""
-    curve = [dict(r) for r in info["curve"]]
-    alpha, selection = info["alpha"], dict(info["selection"])
-
-    def write(path: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        xs = np.array([r["alpha"] for r in curve])
-        for key, style in (("val_acc", "--o"), ("val_worst_group_acc", "-o")):
-            if key in curve[0]:
-                ax.plot(xs, [r[key] for r in curve], style, ms=3, label=key)
-        ax.axvline(alpha, color="k", lw=1, alpha=0.6)
-        ax.set_xlabel("alpha (0: zero-shot head, 1: fine-tuned head)")
-        ax.set_ylabel("val accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"WiSE-FT (linear head): alpha = {alpha:g} ({selection['criterion']}"
-                     f"{' on ' + selection['split'] if selection['split'] else ''})", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100, format="png")
-        plt.close(fig)
-
-    return write
+        return {"curve": curve_writer(self._info, "head")}
