@@ -58,7 +58,7 @@ print(json.dumps({"decode_images_per_s": decode, "forward_images_per_s": forward
 '''
 
 
-def make_shards(root: Path, n: int, size: int, seed: int) -> None:
+def make_shards(root: Path, n: int, size: int, seed: int, max_count: int = 128) -> None:
     from clip_robust_plugins import two_field_schema, write_grouped_dataset
     from clip_robust_plugins.datasets.wds import EncodedImage
 
@@ -74,7 +74,7 @@ def make_shards(root: Path, n: int, size: int, seed: int) -> None:
             yield f"img_{i:06d}", EncodedImage("webp", buf.getvalue()), {"y": y, "a": a}, None, None
 
     schema = two_field_schema(["square", "diamond"], ["land", "water"])
-    write_grouped_dataset(root, schema, ["a photo of a {c}."], {"test": items()}, max_count=128)
+    write_grouped_dataset(root, schema, ["a photo of a {c}."], {"test": items()}, max_count=max_count)
 
 
 def main(argv=None) -> int:
