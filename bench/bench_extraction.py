@@ -12,7 +12,9 @@
   the model build and the text head now, since a warm run builds no model;
 - decode: images/s of reading, decoding and preprocessing alone (one process), which bounds what
   the DataLoader workers can feed.
-Prints the ratio extraction / limit and writes ``--output``.
+Prints the ratio extraction / limit and writes ``--output``.  The pass's own record flatters small
+N (issue 21: 47.8 images/s at 1,024 images, 39.3 at 2,048); ``bench_pipeline.py`` measures the steady
+rate as the wall difference of N and 2N cold evals instead, with clip_benchmark in the same run.
 """
 
 from __future__ import annotations
