@@ -9,7 +9,7 @@ import torch
 
 from clip_robust_plugins.features import extractor as extractor_module
 from clip_robust_plugins.features import threads
-from clip_robust_plugins.features.threads import default_workers, thread_budget, torch_threads
+from clip_robust_plugins.features.threads import default_workers, fetched_with, thread_budget, torch_threads
 
 
 def _expected_cpu_workers(cores: int) -> int:
@@ -92,3 +92,27 @@ def test_eval_explicit_num_workers_is_respected(run_cli, shapes_flags, tmp_path,
     records, seen = _run_eval(run_cli, shapes_flags, tmp_path, monkeypatch, cores=3, extra=["--num_workers", "1"])
     assert records and all(r["num_workers"] == 1 and r["torch_threads"] == 2 for r in records)
     assert seen and set(seen) == {2}
+
+
+def test_fetched_with_produces_each_item_with_its_threads():
+    saved = torch.get_num_threads()
+    other = 1 if saved != 1 else 2
+    produced, consumed = [], []
+
+    def items():
+        for i in range(3):
+            produced.append(torch.get_num_threads())
+            yield i
+
+    for i in fetched_with(items(), other):
+        consumed.append((i, torch.get_num_threads()))
+    assert produced == [other] * 3
+    assert consumed == [(0, saved), (1, saved), (2, saved)]
+
+    def failing():
+        yield 0
+        raise OSError("bad shard")
+
+    with pytest.raises(OSError, match="bad shard"):
+        list(fetched_with(failing(), other))
+    assert torch.get_num_threads() == saved

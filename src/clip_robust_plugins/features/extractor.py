@@ -21,7 +21,7 @@ from ..distributed import DistContext
 from ..errors import one_line
 from .cache import HEAD_KIND, CacheKey, FeatureCache, pretrained_identity, software_versions
 from .kinds import WHOLE_IMAGE, FeatureKind, FeatureSet, ImageSetKind, SampleViews, kind_name
-from .threads import ThreadBudget, available_cores, thread_budget, torch_threads, worker_init
+from .threads import ThreadBudget, available_cores, fetched_with, thread_budget, torch_threads, worker_init
 from .towers import FEATURE_KINDS, _batch_features, autocast, encode_image_normalized
 
 
@@ -250,7 +250,8 @@ class FeatureExtractor:
         feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         skipped: list[SkippedSample] = []
         with bar, torch_threads(self.budget.threads), _stopping_workers(loader) as batches:
-            for batch, bad in batches:
+            # without workers this process decodes: one thread for that, the budget's for the forward
+            for batch, bad in fetched_with(batches, 1) if self.num_workers == 0 else batches:
                 if bad and not self.skip_bad_samples:
                     raise DatasetError(f"{bad[0].reason} (pass {SKIP_FLAG} to skip undecodable images)")
                 skipped.extend(bad)
