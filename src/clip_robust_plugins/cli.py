@@ -99,6 +99,22 @@ def _precision_flags(parser: argparse.ArgumentParser) -> None:
                         help="mixed precision (torch.autocast: fp16 on CUDA, bf16 on a CPU); the default on CUDA")
 
 
+def _workers_flag(parser: argparse.ArgumentParser) -> None:
+    """``--num_workers`` unset: chosen from the cores (:func:`resolve_workers`), not clip_benchmark's 4."""
+    action = next(a for a in parser._actions if a.dest == "num_workers")
+    action.default = None
+    action.help = ("DataLoader workers decoding images; default: 0 below 4 CPU cores, cores // 8 from 4 up, "
+                   "cores - 1 (at most 16) on CUDA; the forward gets torch threads for the other cores")
+
+
+def resolve_workers(args: argparse.Namespace, device: str) -> None:
+    """No ``--num_workers``: the thread budget's default (``features/threads.py``, docs/performance.md)."""
+    if args.num_workers is None:
+        from .features.threads import available_cores, default_workers
+
+        args.num_workers = default_workers(available_cores(), device)
+
+
 def resolve_amp(args: argparse.Namespace, device: str) -> None:
     """Neither ``--amp`` nor ``--no_amp`` given: AMP on CUDA (clip_benchmark's default), fp32 on a
     CPU, where bf16 autocast changes results and is not faster for these models."""
@@ -127,6 +143,7 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
         add_robust_eval_flags(eval_parser)
         _many_seeds(eval_parser)
         _precision_flags(eval_parser)
+        _workers_flag(eval_parser)
         add_plugin_flags(eval_parser, pm)
         add_spec_flags(eval_parser, registry)
         organise_eval_help(eval_parser)
@@ -302,6 +319,7 @@ def own_runs(args: argparse.Namespace) -> list[argparse.Namespace] | None:
 def run_eval(args: argparse.Namespace, pm, registry: Registry) -> None:
     """``eval``: our engine for our datasets, clip_benchmark's ``main_eval`` otherwise."""
     resolve_amp(args, _device())
+    resolve_workers(args, _device())
     runs = own_runs(args)
     if runs is not None:
         for run_args in runs:

@@ -21,6 +21,7 @@ from ..distributed import DistContext
 from ..errors import one_line
 from .cache import HEAD_KIND, CacheKey, FeatureCache, pretrained_identity, software_versions
 from .kinds import WHOLE_IMAGE, FeatureKind, FeatureSet, ImageSetKind, SampleViews, kind_name
+from .threads import ThreadBudget, available_cores, fetched_with, thread_budget, torch_threads, worker_init
 from .towers import FEATURE_KINDS, _batch_features, autocast, encode_image_normalized
 
 
@@ -53,7 +54,7 @@ class FeatureExtractor:
         device: str = "cpu",
         amp: bool = True,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         cache: FeatureCache | None = None,
         progress: bool = True,
         skip_bad_samples: bool = False,
@@ -69,7 +70,8 @@ class FeatureExtractor:
         self.device = device
         self.amp = amp
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        #: DataLoader workers of a pass (None: the rule in :mod:`.threads` for this machine's cores)
+        self.num_workers = thread_budget(available_cores(), device, num_workers).workers
         self.cache = cache or FeatureCache(None)
         self.progress = progress
         self.extracted: list[dict[str, Any]] = []  # what ran (for the report and the benchmarks)
@@ -79,6 +81,11 @@ class FeatureExtractor:
         self.skip_bad_samples = skip_bad_samples
         #: split -> the samples dropped from it (those splits' features are never cached)
         self.skipped_samples: dict[str, list[SkippedSample]] = {}
+
+    @property
+    def budget(self) -> ThreadBudget:
+        """The cores' split between the decoding workers and the forward's threads (see :mod:`.threads`)."""
+        return thread_budget(available_cores(), self.device, self.num_workers)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -155,7 +162,8 @@ class FeatureExtractor:
             out[kind_name(kind)] = FeatureSet(fs.keys, fs.features, fs.fields, fs.schema, fs.kind, path)
         n = len(fresh[kind_name(todo[0])])
         self.extracted.append({"split": split, "kinds": [kind_name(k) for k in todo], "n": n, "seconds": round(seconds, 3),
-                               "images_per_second": round(n / seconds, 2) if seconds > 0 else None})
+                               "images_per_second": round(n / seconds, 2) if seconds > 0 else None,
+                               "num_workers": self.num_workers, "torch_threads": self.budget.threads})
         return out
 
     def _run(self, dataset: RobustDataset, split: str, kinds: Sequence[FeatureKind]) -> dict[str, FeatureSet] | None:
@@ -226,6 +234,7 @@ class FeatureExtractor:
             shuffle=False,
             collate_fn=collate_samples,  # sets undecodable samples (SkippedSample) aside
             pin_memory=str(self.device).startswith("cuda"),
+            worker_init_fn=worker_init if self.num_workers else None,
         )
         counts = dataset.schema.split_counts.get(split)
         bar = tqdm(
@@ -240,8 +249,9 @@ class FeatureExtractor:
         orders: list[torch.Tensor] = [torch.zeros(0, 2, dtype=torch.int64)]
         feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         skipped: list[SkippedSample] = []
-        with bar, _stopping_workers(loader) as batches:
-            for batch, bad in batches:
+        with bar, torch_threads(self.budget.threads), _stopping_workers(loader) as batches:
+            # without workers this process decodes: one thread for that, the budget's for the forward
+            for batch, bad in fetched_with(batches, 1) if self.num_workers == 0 else batches:
                 if bad and not self.skip_bad_samples:
                     raise DatasetError(f"{bad[0].reason} (pass {SKIP_FLAG} to skip undecodable images)")
                 skipped.extend(bad)
