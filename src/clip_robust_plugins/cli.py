@@ -117,7 +117,7 @@ def resolve_workers(args: argparse.Namespace, device: str) -> None:
 
 def resolve_amp(args: argparse.Namespace, device: str) -> None:
     """Neither ``--amp`` nor ``--no_amp`` given: AMP on CUDA (clip_benchmark's default), fp32 on a
-    CPU, where bf16 autocast changes results and is not faster for these models."""
+    CPU, where bf16 autocast changes results (whatever it saves in time)."""
     if args.amp is None:
         args.amp = device.startswith("cuda")
 
