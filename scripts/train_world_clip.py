@@ -57,6 +57,25 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor, s
     return 0.5 * (-(F.log_softmax(logits, 1) * pos).sum(1).mean() - (F.log_softmax(logits.t(), 1) * pos).sum(1).mean())
 
 
+def epoch_batches(gen: torch.Generator, scenes: np.ndarray, bs: int, scene_batches: float) -> list[torch.Tensor]:
+    """One epoch's batches: a random permutation cut into batches, a fraction ``scene_batches``
+    of which are rebuilt from only two scenes (half each), so that scene alone cannot tell
+    a batch's captions apart and shape and colour must (hard negatives)."""
+    n = len(scenes)
+    perm = torch.randperm(n, generator=gen)
+    pools = [torch.from_numpy(np.flatnonzero(scenes == k)) for k in range(len(SCENES))]
+    batches = []
+    for i in range(0, n - bs + 1, bs):
+        if float(torch.rand((), generator=gen)) < scene_batches:
+            pair = torch.randperm(len(SCENES), generator=gen)[:2]
+            halves = [pools[int(k)][torch.randint(len(pools[int(k)]), (h,), generator=gen)]
+                      for k, h in zip(pair, (bs // 2, bs - bs // 2))]
+            batches.append(torch.cat(halves))
+        else:
+            batches.append(perm[i:i + bs])
+    return batches
+
+
 def train(args) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, 0])
@@ -78,11 +97,9 @@ def train(args) -> None:
     model.train()
     t0, step = time.time(), 0
     for epoch in range(args.epochs):
-        perm = torch.randperm(n, generator=gen)
         running = 0.0
-        for i in range(0, n - bs + 1, bs):
-            idx = perm[i:i + bs]
-            texts = [caption(rng, names[int(k)]) for k in idx]
+        for idx in epoch_batches(gen, draws["scene"], bs, args.scene_batches):
+            texts = [caption(rng, names[int(k)], p_shape=args.p_shape, p_scene=args.p_scene) for k in idx]
             codes = np.unique(texts, return_inverse=True)[1]
             same = torch.from_numpy(codes[:, None] == codes[None, :])
             img = F.normalize(model.encode_image(to_tensor(pixels[idx].numpy(), mean, std)), dim=-1)
@@ -145,15 +162,20 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--scale", type=float, default=100.0, help="fixed logit scale of the training loss")
+    p.add_argument("--p_shape", type=float, default=0.85, help="probability that a caption names the shape")
+    p.add_argument("--p_scene", type=float, default=0.6, help="probability that a caption naming the shape names the scene too")
+    p.add_argument("--scene_batches", type=float, default=0.0, help="fraction of batches drawn from two scenes only")
+    p.add_argument("--config", type=Path, default=CONFIG, help="model config JSON (its stem must be crp-world)")
     p.add_argument("--eval_every", type=int, default=0, help="measure a checkpoint every this many epochs (0: only at the end)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval_n", type=int, default=1200, help="balanced images for the final figures")
     p.add_argument("--eval_only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    open_clip.add_model_config(CONFIG)
+    open_clip.add_model_config(args.config)
     if not args.eval_only:
         train(args)
-    evaluate(args.out)
+    evaluate(args.out, n=args.eval_n)
 
 
 if __name__ == "__main__":

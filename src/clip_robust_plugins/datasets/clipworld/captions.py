@@ -16,15 +16,19 @@ _SCENE_FRAMES = ("a photo of {s}", "a picture of {s}", "an image of {s}", "{s}")
 _WITH_SCENE = ("{f} on {s}", "{s} with a {o}", "{f} in front of {s}")
 
 
-def caption(rng: np.random.Generator, attrs: dict[str, str]) -> str:
-    """One caption for a sample with attribute value names ``attrs``."""
+def caption(rng: np.random.Generator, attrs: dict[str, str], p_shape: float = 0.85, p_scene: float = 0.6) -> str:
+    """One caption for a sample with attribute value names ``attrs``.
+
+    The shape is named with probability ``p_shape``, the scene with ``p_scene`` (and
+    always when the shape is not).
+    """
     words = []
     if rng.random() < 0.3:
         words.append(attrs["size"])
     if rng.random() < 0.5:
         words.append(attrs["colour"])
-    name_shape = rng.random() < 0.85
-    name_scene = rng.random() < 0.6 or not name_shape
+    name_shape = rng.random() < p_shape
+    name_scene = rng.random() < p_scene or not name_shape
     obj = " ".join([*words, attrs["shape"]]) if name_shape else None
     scene = attrs["scene"]
     if obj is None:
