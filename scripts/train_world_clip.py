@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from clip_robust_plugins.datasets.clipworld.captions import caption
+from clip_robust_plugins.datasets.clipworld.captions import caption_and_fields
 from clip_robust_plugins.datasets.clipworld.geometry import (
     balanced_draws,
     image_features,
@@ -40,7 +40,7 @@ from clip_robust_plugins.datasets.clipworld.geometry import (
     to_tensor,
 )
 from clip_robust_plugins.datasets.clipworld.pretrain import PretrainConfig, attribute_names, sample_attributes
-from clip_robust_plugins.datasets.clipworld.vocab import SCENES, SHAPES
+from clip_robust_plugins.datasets.clipworld.vocab import ATTRIBUTES, SCENES, SHAPES
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "clip_robust_plugins" / "assets"
 MODEL = "crp-world"
@@ -51,10 +51,24 @@ SHORTCUT = (("hexagon", "circle"), ("water", "grass"))
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor, scale: float) -> torch.Tensor:
-    """Symmetric InfoNCE where ``same[i, j]`` marks pairs with identical captions as positives."""
+    """Symmetric InfoNCE where ``same[i, j]`` (caption ``j`` is true of image ``i``; the
+    diagonal is set) marks the positives of both directions."""
     logits = scale * img @ txt.t()
-    pos = same.float() / same.sum(1, keepdim=True)
-    return 0.5 * (-(F.log_softmax(logits, 1) * pos).sum(1).mean() - (F.log_softmax(logits.t(), 1) * pos).sum(1).mean())
+    pos_img = same.float() / same.sum(1, keepdim=True)
+    pos_txt = same.t().float() / same.sum(0).unsqueeze(1)
+    return 0.5 * (-(F.log_softmax(logits, 1) * pos_img).sum(1).mean()
+                  - (F.log_softmax(logits.t(), 1) * pos_txt).sum(1).mean())
+
+
+def true_of(draws: dict[str, np.ndarray], idx: np.ndarray, fields: list[tuple[str, ...]]) -> torch.Tensor:
+    """``[i, j]``: caption ``j`` (naming ``fields[j]`` of image ``idx[j]``) is true of image ``idx[i]``."""
+    n = len(idx)
+    out = np.ones((n, n), dtype=bool)
+    for name in ATTRIBUTES:
+        values = draws[name][idx]
+        names_it = np.array([name in f for f in fields])
+        out &= ~names_it[None, :] | (values[:, None] == values[None, :])
+    return torch.from_numpy(out)
 
 
 def epoch_batches(gen: torch.Generator, scenes: np.ndarray, bs: int, scene_batches: float) -> list[torch.Tensor]:
@@ -74,6 +88,14 @@ def epoch_batches(gen: torch.Generator, scenes: np.ndarray, bs: int, scene_batch
         else:
             batches.append(perm[i:i + bs])
     return batches
+
+
+def scale_at(args, step: int, total: int) -> float:
+    """The loss's logit scale: ``--scale_start`` rising geometrically to ``--scale`` over the
+    first ``--scale_ramp`` of the steps, then fixed (a soft start learns features, the fixed
+    final scale keeps the margins CLIP-like)."""
+    frac = min(1.0, step / max(1.0, args.scale_ramp * total))
+    return math.exp(math.log(args.scale_start) + frac * (math.log(args.scale) - math.log(args.scale_start)))
 
 
 def train(args) -> None:
@@ -99,12 +121,16 @@ def train(args) -> None:
     for epoch in range(args.epochs):
         running = 0.0
         for idx in epoch_batches(gen, draws["scene"], bs, args.scene_batches):
-            texts = [caption(rng, names[int(k)], p_shape=args.p_shape, p_scene=args.p_scene) for k in idx]
-            codes = np.unique(texts, return_inverse=True)[1]
-            same = torch.from_numpy(codes[:, None] == codes[None, :])
+            texts, fields = zip(*(caption_and_fields(rng, names[int(k)], args.p_shape, args.p_scene) for k in idx))
+            if args.positives == "true":
+                same = true_of(draws, idx.numpy(), list(fields))
+            else:
+                codes = np.unique(texts, return_inverse=True)[1]
+                same = torch.from_numpy(codes[:, None] == codes[None, :])
+            texts = list(texts)
             img = F.normalize(model.encode_image(to_tensor(pixels[idx].numpy(), mean, std)), dim=-1)
             txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
-            loss = contrastive_loss(img, txt, same, args.scale)
+            loss = contrastive_loss(img, txt, same, scale_at(args, step, total))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -162,6 +188,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--scale", type=float, default=100.0, help="fixed logit scale of the training loss")
+    p.add_argument("--scale_start", type=float, default=100.0, help="logit scale at the first step")
+    p.add_argument("--scale_ramp", type=float, default=0.0, help="fraction of the steps over which the scale rises to --scale")
+    p.add_argument("--positives", choices=("identical", "true"), default="identical",
+                   help="in-batch positives of a caption: images with the identical caption, or every image it is true of")
     p.add_argument("--p_shape", type=float, default=0.85, help="probability that a caption names the shape")
     p.add_argument("--p_scene", type=float, default=0.6, help="probability that a caption naming the shape names the scene too")
     p.add_argument("--scene_batches", type=float, default=0.0, help="fraction of batches drawn from two scenes only")
