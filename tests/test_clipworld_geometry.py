@@ -67,4 +67,4 @@ def test_shapes_are_recognised_and_the_planted_shortcut_shows(world_model):
     assert out["shape_acc"] >= 0.8, out
     assert out["shortcut_mean_acc"] - out["shortcut_worst_group_acc"] >= 0.15, out
     # the shape counts too, not the scene alone: a scene-only model scores 0.5 on these balanced groups
-    assert out["shortcut_mean_acc"] > 0.5, out
+    assert out["shortcut_mean_acc"] >= 0.6, out
