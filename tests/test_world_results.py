@@ -17,12 +17,12 @@ def _script():
     return module
 
 
-def _row(markdown: str, after: str, method: str) -> list[str]:
-    """The cells of ``method``'s row in the first table after the line ``after``."""
+def _row(markdown: str, after: str, method: str, column: int = 2) -> list[str]:
+    """The cells of the first table row after the line ``after`` whose ``column`` is ``method``."""
     lines = markdown.splitlines()
     for line in lines[lines.index(after):]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("|") and len(cells) > 2 and cells[2] == method:
+        if line.startswith("|") and len(cells) > column and cells[column] == method:
             return cells
     raise AssertionError(f"no row {method!r} after {after!r}")
 
@@ -49,7 +49,7 @@ def test_quick_run_writes_the_json_numbers(tmp_path):
         assert cells[3] == "1 (0)"  # runs (seeds)
         assert cells[4].strip("*") == _cell(metrics, f"{method}/worst_group_acc")
         assert cells[-1].strip("*") == _cell(metrics, f"{method}/delta_worst_group_acc_vs_zeroshot")
-        summary = _row(markdown, "## Worst-group accuracy, all tasks", method)
+        summary = _row(markdown, "## Worst-group accuracy, all tasks", method, column=0)
         assert summary[1].strip("*") == _cell(metrics, f"{method}/worst_group_acc")
     zeroshot = _row(markdown, "Seed 0, with intervals:", "zeroshot")
     assert zeroshot[4].strip("*") == _cell(metrics, "zeroshot/worst_group_acc")
