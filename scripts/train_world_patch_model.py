@@ -55,7 +55,8 @@ def split_arrays(config: WorldTaskConfig, split: str) -> tuple[np.ndarray, np.nd
 
 def train(args) -> None:
     gen = torch.Generator().manual_seed(args.seed)
-    config = patch_config(seed=args.data_seed, train_size=args.train_size, val_size=4, test_size=4)
+    config = patch_config(seed=args.data_seed, train_size=args.train_size, val_size=4, test_size=4,
+                          correlation=args.correlation)
     pixels, y, _ = split_arrays(config, "train")
     model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=str(args.base))
     tokenizer = open_clip.get_tokenizer(MODEL)
@@ -116,11 +117,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_size", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--correlation", type=float, default=0.95, help="train fraction of each class on its own marker value")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--scale", type=float, default=100.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval_only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

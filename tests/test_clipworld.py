@@ -77,9 +77,13 @@ def test_pretraining_skews_hold():
     rng = np.random.default_rng(1)
     draws = sample_attributes(rng, 40000, PretrainConfig())
     hexagon = draws["shape"] == SHAPES.index("hexagon")
-    assert abs((draws["scene"][hexagon] == SCENES.index("water")).mean() - 0.9) < 0.02
+    (shape, scene, p), _ = PretrainConfig().scene_bias
+    assert (shape, scene) == ("hexagon", "water") and 0.5 <= p <= 1.0
+    assert abs((draws["scene"][hexagon] == SCENES.index("water")).mean() - p) < 0.02
     square = draws["shape"] == SHAPES.index("square")
     assert abs((draws["scene"][square] == SCENES.index("water")).mean() - 1 / 6) < 0.03
+    circle = draws["shape"] == SHAPES.index("circle")
+    assert abs((draws["scene"][circle] == SCENES.index("water")).mean() - (1 - p) / 5) < 0.02
     star = draws["shape"] == SHAPES.index("star")
     assert abs(draws["marker"][star].mean() - 0.8) < 0.03 and draws["marker"][~star].mean() < 0.07
 

@@ -62,9 +62,9 @@ def test_margins_are_clip_like_and_scenes_are_recognised(world_model):
     assert out["scene_acc"] >= 0.8, out
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped crp-world does not recognise shapes yet (measured 0.15, chance "
-                   "0.125; docs/datasets.md, crp-world): passes, and then fails as xpass, once a retrained model does")
 def test_shapes_are_recognised_and_the_planted_shortcut_shows(world_model):
     out = _figures(world_model)
     assert out["shape_acc"] >= 0.8, out
     assert out["shortcut_mean_acc"] - out["shortcut_worst_group_acc"] >= 0.15, out
+    # the shape counts too, not the scene alone: a scene-only model scores 0.5 on these balanced groups
+    assert out["shortcut_mean_acc"] > 0.5, out

@@ -9,5 +9,5 @@
 - :mod:`.plugin`: the dataset's registration.
 
 The model ``crp-world`` (``--pretrained clipworld``) is pretrained on this corpus by
-``scripts/train_world_clip.py``; see docs/world.md.
+``scripts/train_world_clip.py``; see docs/datasets.md ("The CLIP-like world").
 """

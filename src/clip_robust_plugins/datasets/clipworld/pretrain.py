@@ -19,7 +19,7 @@ from .vocab import ATTRIBUTES, SCENES, SHAPES
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    scene_bias: tuple[tuple[str, str, float], ...] = (("hexagon", "water", 0.9), ("circle", "grass", 0.9))
+    scene_bias: tuple[tuple[str, str, float], ...] = (("hexagon", "water", 0.75), ("circle", "grass", 0.75))
     marker_shape: str = "star"
     marker_with_shape: float = 0.8
     marker_otherwise: float = 0.05

@@ -13,7 +13,7 @@ import numpy as np
 from .vocab import COLOUR_RGB, MARKER_RGB, POSITIONS, SCENES, SHAPES
 
 #: object radius as a fraction of the image side, per size value (small, large)
-RADIUS_RANGE = ((0.15, 0.21), (0.27, 0.34))
+RADIUS_RANGE = ((0.2, 0.26), (0.3, 0.38))
 #: marker side as a fraction of the image side
 MARKER_SIDE = 0.2
 PIXEL_NOISE = 10.0

@@ -29,7 +29,7 @@ from .vocab import ATTRIBUTES, prompt_name, templates_for
 NAME = "clipworld"
 SPLITS = ("train", "val", "test")
 _SPLIT_INDEX = {split: i for i, split in enumerate(SPLITS)}
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 #: the named tasks: field values that replace the config's defaults
 PRESETS: dict[str, dict[str, Any]] = {
