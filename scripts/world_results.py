@@ -34,14 +34,16 @@ GENERATED_CORRELATION = 0.9
 GENERATED_SIZES = (1000, 400, 400)
 QUICK_SIZES = (120, 48, 48)
 #: the most expensive methods (fine-tuning, many-epoch training, per-image test-time tuning with
-#: extra views or region features), left
-#: out of the generated tasks only, to keep the whole set within the time budget
-GENERATED_LEAVE_OUT = ("cfr", "clip_ft", "ravl", "seraser", "wise_ft")
+#: extra views or region features): run on the first seed only, as a separate ``<task>_costly``
+#: eval, for the presets that have one, and left out of the other tasks (time budget)
+COSTLY = ("cfr", "clip_ft", "ravl", "seraser", "tpt", "wise_ft")
 
 TASKS: dict[str, dict] = {
     "waterbirds_like": {"preset": "waterbirds_like"},
+    "waterbirds_like_costly": {"preset": "waterbirds_like", "costly": True},
     "celeba_like": {"preset": "celeba_like"},
     "patch": {"preset": "patch"},
+    "patch_costly": {"preset": "patch", "costly": True},
     "colour_scene": {"class": ("colour", "red", "green"), "spurious": ("scene", "sand", "snow")},
     "shape_colour": {"class": ("shape", "star", "ring"), "spurious": ("colour", "red", "yellow")},
     "size_scene": {"class": ("size", "small", "large"), "spurious": ("scene", "bricks", "sky")},
@@ -75,11 +77,19 @@ def registered_methods() -> list[str]:
 
 
 def task_methods(name: str, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """``--mitigation`` of a task and the methods left out of it for cost (generated tasks only)."""
-    if "preset" in TASKS[name] or args.methods != ["all_baselines"] or args.quick:
+    """``--mitigation`` of a task and the methods left out of it for cost, with the reason."""
+    if args.methods != ["all_baselines"] or args.quick:
         return list(args.methods), {}
-    leave = {m: "left out of generated tasks for cost" for m in GENERATED_LEAVE_OUT}
-    return [m for m in registered_methods() if m not in leave], leave
+    registered = registered_methods()
+    if TASKS[name].get("costly"):
+        return [m for m in COSTLY if m in registered], {}
+    costly = f"{name}_costly"
+    why = f"run at seed {args.seeds[0]} only, as {costly}" if costly in TASKS else "left out of this task for cost"
+    return [m for m in registered if m not in COSTLY], {m: why for m in COSTLY if m in registered}
+
+
+def task_seeds(name: str, args: argparse.Namespace) -> list[int]:
+    return args.seeds[:1] if TASKS[name].get("costly") else list(args.seeds)
 
 
 def eval_command(name: str, args: argparse.Namespace) -> list[str]:
@@ -87,7 +97,7 @@ def eval_command(name: str, args: argparse.Namespace) -> list[str]:
     methods, _ = task_methods(name, args)
     return [sys.executable, "-m", "clip_robust_plugins.cli", "eval", "--dataset", "robust/clipworld",
             *task_flags(name, args.quick), "--model", args.model, "--pretrained", args.pretrained,
-            "--mitigation", *methods, "--seed", *map(str, args.seeds),
+            "--mitigation", *methods, "--seed", *map(str, task_seeds(name, args)),
             "--output", str(work / name / "{seed}.json"), "--dataset_root", str(work / "data"),
             *(["--feature_cache", args.feature_cache] if args.feature_cache else []), "--num_workers", "0", "--quiet"]
 
@@ -96,7 +106,7 @@ def run_task(name: str, args: argparse.Namespace) -> dict:
     """Run one task (all seeds in one process) unless its JSONs exist; returns its run record."""
     folder = Path(args.work_dir) / name
     record_path = folder / "run.json"
-    outputs = [folder / f"{seed}.json" for seed in args.seeds]
+    outputs = [folder / f"{seed}.json" for seed in task_seeds(name, args)]
     if all(p.exists() for p in outputs) and record_path.exists():
         print(f"{name}: results exist, not run again", file=sys.stderr)
         return json.loads(record_path.read_text())
@@ -199,11 +209,16 @@ def write_markdown(args: argparse.Namespace, records: dict[str, dict], all_md: s
     for name, record in records.items():
         folder = work / name
         lines += [f"## {name}", "", f"Flags: `{shlex.join(task_flags(name, args.quick))}`; wall time "
-                  f"{record['seconds']:.0f} s for {len(args.seeds)} seed(s) (finished {record['finished']}).", ""]
+                  f"{record['seconds']:.0f} s for {len(task_seeds(name, args))} seed(s) (finished {record['finished']}).", ""]
         ran = methods_ran(folder, args.seeds[0])
         lines += [f"Ran ({len(ran)}): {', '.join(ran)}."]
         if record.get("skipped"):
             lines += ["Left out by `all_baselines`: " + "; ".join(f"{m} ({why})" for m, why in record["skipped"].items()) + "."]
+        if TASKS[name].get("costly"):
+            base = name.removesuffix("_costly")
+            lines += ["", f"Its rows are in the tables of {base} (same data, same features).", "",
+                      "Command:", "", "    " + shlex.join(_relative(record["command"])), ""]
+            continue
         lines += ["", f"Seeds {seeds}:", "", *mean_tables.get(name, ["(no table)"]), "",
                   f"Seed {args.seeds[0]}, with intervals:", "", *first_tables.get(name, ["(no table)"]), "",
                   "Command:", "", "    " + shlex.join(_relative(record["command"])), ""]
@@ -212,7 +227,7 @@ def write_markdown(args: argparse.Namespace, records: dict[str, dict], all_md: s
 
 def _summary(records: dict[str, dict], tables: dict[str, list[str]]) -> list[str]:
     """Worst-group accuracy of every method on every task (cells from the all-seeds reports)."""
-    cells = {name: worst_cells(tables[name]) for name in records if name in tables}
+    cells = {name: worst_cells(tables[name]) for name in records if name in tables and not TASKS[name].get("costly")}
     methods = list(dict.fromkeys(m for c in cells.values() for m in c))
     lines = ["## Worst-group accuracy, all tasks", "", "| method | " + " | ".join(cells) + " |",
              "|---|" + "--:|" * len(cells)]
@@ -247,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     work = Path(args.work_dir)
     records = {name: run_task(name, args) for name in args.tasks}
-    everything = [f"{name}/{seed}.json" for name in args.tasks for seed in args.seeds]
+    everything = [f"{name}/{seed}.json" for name in args.tasks for seed in task_seeds(name, args)]
     first = [f"{name}/{args.seeds[0]}.json" for name in args.tasks]
     all_md = run_report(everything, "report_all", work)
     first_md = run_report(first, f"report_seed{args.seeds[0]}", work)
