@@ -5,8 +5,12 @@
     python3 scripts/world_results.py --quick --work_dir /tmp/q --output /tmp/q/results.md
 
 For every task, one ``clip_benchmark_robust eval`` process on ``robust/clipworld`` with
-``crp-world``/``clipworld`` and ``--mitigation all_baselines`` (every method whose labels the
-dataset has) runs all seeds on shared features (``--seed 0 1 2 --output TASK/{seed}.json``).
+``crp-world``/``clipworld`` runs all seeds on shared features (``--seed 0 1 2 --output
+TASK/{seed}.json``) with every registered method except the costly ones (:data:`COSTLY`:
+fine-tuning, many-epoch training, per-image test-time tuning); those run at the first seed
+only, as the separate tasks ``waterbirds_like_costly`` and ``patch_costly``, and are left out
+of the other tasks (the time budget of a shared 2-core CPU machine). Generated tasks use
+smaller splits (:data:`GENERATED_SIZES`). ``--methods`` replaces the method lists everywhere.
 Then ``clip_benchmark_robust report`` runs twice over the results: once over every seed (cells
 ``mean ± std``) and once over the first seed alone (cells ``value [low, high]``, the run's own
 intervals); the leaderboard tables of both reports are copied into the output Markdown as
