@@ -217,7 +217,7 @@ def write_markdown(args: argparse.Namespace, records: dict[str, dict], all_md: s
         ran = methods_ran(folder, args.seeds[0])
         lines += [f"Ran ({len(ran)}): {', '.join(ran)}."]
         if record.get("skipped"):
-            lines += ["Left out by `all_baselines`: " + "; ".join(f"{m} ({why})" for m, why in record["skipped"].items()) + "."]
+            lines += ["Left out: " + "; ".join(f"{m} ({why})" for m, why in record["skipped"].items()) + "."]
         if TASKS[name].get("costly"):
             base = name.removesuffix("_costly")
             lines += ["", f"Its rows are in the tables of {base} (same data, same features).", "",
