@@ -40,7 +40,7 @@ QUICK_SIZES = (120, 48, 48)
 #: the most expensive methods (fine-tuning, many-epoch training, per-image test-time tuning with
 #: extra views or region features): run on the first seed only, as a separate ``<task>_costly``
 #: eval, for the presets that have one, and left out of the other tasks (time budget)
-COSTLY = ("cfr", "clip_ft", "ravl", "seraser", "tpt", "wise_ft")
+COSTLY = ("cfr", "clip_ft", "clip_ft_group_dro", "ravl", "seraser", "tpt", "wise_ft", "wise_ft_weights")
 
 TASKS: dict[str, dict] = {
     "waterbirds_like": {"preset": "waterbirds_like"},
