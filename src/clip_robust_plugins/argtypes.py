@@ -32,6 +32,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A float ``>= 0`` (a loss weight, a weight decay)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A float in [0, 1]."""
     value = float(text)

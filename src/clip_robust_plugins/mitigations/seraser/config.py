@@ -5,10 +5,9 @@ Torch-free: imported when the plugin registers.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from ...argtypes import at_least, nested, option, positive_float
+from ...argtypes import at_least, nested, non_negative_float, option, positive_float
 from ...errors import EvalError
 
 NAME = "seraser"
@@ -35,14 +34,8 @@ class SEraserError(EvalError):
     """SEraser cannot run on this model or input; the message says why in one line."""
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _scale(text: str) -> float | str:
+def logit_scale_type(text: str) -> float | str:
+    """``--*_logit_scale``: a positive float, or ``model`` (the model's own ``logit_scale.exp()``)."""
     return MODEL_SCALE if text == MODEL_SCALE else positive_float(text)
 
 
@@ -89,15 +82,15 @@ class SEraserConfig:
     steps: int = option(20, "AdamW steps per test image", type=at_least(0))
     lr: float = option(5e-4, "learning rate", type=positive_float)
     weight_decay: float = option(0.01, "AdamW weight decay (torch's default, as the authors)",
-                                 type=_non_negative_float)
+                                 type=non_negative_float)
     fg_loss: str = option("entropy", "foreground term: entropy of the prediction, or KL to the untuned prompt's",
                           choices=FG_LOSSES)
-    bg_weight: float = option(1.0, "weight of the background KL-to-uniform term", type=_non_negative_float)
-    fg_weight: float = option(1.0, "weight of the foreground term", type=_non_negative_float)
+    bg_weight: float = option(1.0, "weight of the background KL-to-uniform term", type=non_negative_float)
+    fg_weight: float = option(1.0, "weight of the foreground term", type=non_negative_float)
     batch_size: int = option(256, "test images tuned in one batched forward, each with its own context "
                              "(1 = one image at a time)", type=at_least(1))
     logit_scale: float | str = option(100.0, "softmax scale of the losses and logits ('model': the model's own "
-                                      "logit_scale.exp())", type=_scale)
+                                      "logit_scale.exp())", type=logit_scale_type)
     black_view: bool = option(True, "add the all-black image to the background views")
     cpu_threads: int = option(1, "torch threads while tuning on a CPU (0: torch's own setting)", type=at_least(0))
     #: the built-in view providers' settings (their flags are listed with SEraser's; a provider

@@ -19,8 +19,8 @@ from ...datasets.base import SampleImage
 from ...specs import SampleViews
 from ..base import Mitigation, RunContext
 from .annotations import resolve_views
-from .config import MODEL_SCALE, NAME, SEraserConfig, SEraserError
-from .text_tower import PromptEncoder
+from .config import NAME, SEraserConfig, SEraserError
+from .text_tower import PromptEncoder, model_logit_scale
 from .tuning import TuneResult, cpu_threads, margins, summary, tune_batch
 from .views import black_image_features, view_kind
 
@@ -74,12 +74,7 @@ class SEraser(Mitigation):
         return self.encoder
 
     def logit_scale(self, model: torch.nn.Module) -> float:
-        if self.config.logit_scale != MODEL_SCALE:
-            return float(self.config.logit_scale)
-        scale = getattr(model, "logit_scale", None)
-        if not isinstance(scale, torch.Tensor):
-            raise SEraserError("seraser: the model has no logit_scale; pass --seraser_logit_scale")
-        return float(scale.detach().float().exp().flatten()[0])
+        return model_logit_scale(model, self.config.logit_scale, "seraser", "--seraser_logit_scale")
 
     def predict(self, ctx: RunContext, split: str) -> torch.Tensor:
         self.check(ctx)

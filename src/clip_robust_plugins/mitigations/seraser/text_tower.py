@@ -77,6 +77,19 @@ def _pool_positions(ids: torch.Tensor, pool_type: str, eos_id: int | None) -> to
     return (ids == eos_id).int().argmax(dim=-1)
 
 
+def model_logit_scale(model: torch.nn.Module, configured: float | str, method: str, flag: str) -> float:
+    """The softmax scale a prompt-tuning method uses: ``configured``, or with ``"model"`` the
+    model's own ``logit_scale.exp()`` (an error naming ``method`` and ``flag`` if it has none)."""
+    from .config import MODEL_SCALE
+
+    if configured != MODEL_SCALE:
+        return float(configured)
+    scale = getattr(model, "logit_scale", None)
+    if not isinstance(scale, torch.Tensor):
+        raise SEraserError(f"{method}: the model has no logit_scale; pass {flag}")
+    return float(scale.detach().float().exp().flatten()[0])
+
+
 class PromptEncoder:
     """Text features of ``[SOS] ctx <class prompt> [EOS]`` for a batch of context tensors.
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ...argtypes import at_least, option, positive_float
+from ...argtypes import at_least, non_negative_float, option, positive_float
 from ...errors import EvalError
+from ..seraser.config import MODEL_SCALE, logit_scale_type  # the shared prompt encoder's scale flag
 
 NAME = "tpt"
 PREFIX = "tpt_"
@@ -18,18 +19,8 @@ CITATION = (
     "Shu, Nie, Huang, Yu, Goldstein, Anandkumar & Xiao, Test-Time Prompt Tuning for Zero-Shot "
     "Generalization in Vision-Language Models, NeurIPS 2022"
 )
-MODEL_SCALE = "model"
-
-
 class TptError(EvalError):
     """TPT cannot run on this model or input; the message says why in one line."""
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _open_fraction(text: str) -> float:
@@ -37,10 +28,6 @@ def _open_fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
-
-
-def _scale(text: str) -> float | str:
-    return MODEL_SCALE if text == MODEL_SCALE else positive_float(text)
 
 
 @dataclass(frozen=True)
@@ -53,7 +40,7 @@ class TptConfig:
     steps: int = option(1, "AdamW steps per test image (the prompt is reset before each image)", type=at_least(0))
     lr: float = option(5e-3, "AdamW learning rate", type=positive_float)
     weight_decay: float = option(0.01, "AdamW weight decay (torch's default, as the authors)",
-                                 type=_non_negative_float)
+                                 type=non_negative_float)
     ctx_init: str = option("a photo of a", "words whose token embeddings initialise the learnable context "
                            "(empty: random init of --tpt_n_ctx vectors)")
     n_ctx: int | None = option(None, "context vectors (default: the tokens of --tpt_ctx_init, 4 if it is empty)",
@@ -63,7 +50,7 @@ class TptConfig:
                                    "(torchvision RandomResizedCrop's scale=(min, 1))", type=_open_fraction)
     flip: bool = option(True, "views: random horizontal flip (p=0.5)")
     logit_scale: float | str = option(MODEL_SCALE, "softmax scale of the entropies and logits ('model': the "
-                                      "model's own logit_scale.exp(), as the authors)", type=_scale)
+                                      "model's own logit_scale.exp(), as the authors)", type=logit_scale_type)
     batch_size: int = option(64, "test images tuned in one batched forward, each with its own context "
                              "(1 = one image at a time)", type=at_least(1))
     cpu_threads: int = option(1, "torch threads while tuning on a CPU (0: torch's own setting)", type=at_least(0))

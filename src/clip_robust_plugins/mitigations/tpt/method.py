@@ -17,9 +17,9 @@ import torch
 
 from ..base import Mitigation, RunContext
 from ..seraser.config import SEraserError
-from ..seraser.text_tower import PromptEncoder
+from ..seraser.text_tower import PromptEncoder, model_logit_scale
 from ..seraser.tuning import cpu_threads, margins, summary
-from .config import MODEL_SCALE, NAME, TptConfig, TptError
+from .config import NAME, TptConfig, TptError
 from .tuning import TuneResult, tune_batch
 from .views import views_kind
 
@@ -70,12 +70,10 @@ class Tpt(Mitigation):
         return self.encoder
 
     def logit_scale(self, model: torch.nn.Module) -> float:
-        if self.config.logit_scale != MODEL_SCALE:
-            return float(self.config.logit_scale)
-        scale = getattr(model, "logit_scale", None)
-        if not isinstance(scale, torch.Tensor):
-            raise TptError("tpt: the model has no logit_scale; pass --tpt_logit_scale")
-        return float(scale.detach().float().exp().flatten()[0])
+        try:
+            return model_logit_scale(model, self.config.logit_scale, "tpt", "--tpt_logit_scale")
+        except SEraserError as err:  # raised by the shared helper; TPT's own error type
+            raise TptError(str(err)) from err
 
     def predict(self, ctx: RunContext, split: str) -> torch.Tensor:
         t0 = time.perf_counter()
