@@ -335,14 +335,15 @@ def test_discover_writes_report_and_sheet_and_finds_the_patch(run_cli, quadrants
 def test_discovery_reads_no_group_labels(quadrants_flags, tmp_path, monkeypatch):
     """Scrambling the spurious-attribute field (and so every group id) changes nothing in discovery."""
     from clip_robust_plugins import cli, plugins
+    from clip_robust_plugins.argtypes import config_from_options
 
     pm = plugins.build_plugin_manager()
     registry = plugins.collect_registry(pm)
     parser = cli.build_parser(pm, registry, "discover")
     args = parser.parse_args(["discover", *quadrants_flags, "--no_feature_cache", "--quiet"])
-    args.device = "cpu"
-    ctx = ravl.context_from_args(args, registry)
-    name, proposer = ravl.make_proposer(args, registry)
+    config = config_from_options(ravl.DiscoverConfig, "", args)
+    ctx = ravl.discover_context(config, cli.command_context(args, pm, registry), "cpu")
+    name, proposer = ravl.proposer_for(ctx, config.regions.regions)
     first = ravl.discover(ctx, "val", name, proposer)
     image = ctx.features("val")
     fields = image.fields.clone()

@@ -60,13 +60,19 @@ class OptionFlag:
 
     @property
     def flag(self) -> str:
-        return f"--{self.dest}"
+        return self.dest if self.declaration.get("positional") else f"--{self.dest}"
 
 
-def nested(config_cls: type) -> Any:
+def nested(config_cls: type, prefix: str | None = None) -> Any:
     """A config field holding another option dataclass: its flags join the outer config's,
-    under the same prefix (e.g. RaVL's fine-tuning settings inside the ``ravl`` config)."""
-    return dataclasses.field(default_factory=config_cls, metadata={"nested": config_cls})
+    under the same prefix (e.g. RaVL's fine-tuning settings inside the ``ravl`` config), or
+    under ``prefix`` when given (a command that reads RaVL's ``--ravl_*`` discovery settings)."""
+    return dataclasses.field(default_factory=config_cls, metadata={"nested": config_cls, "prefix": prefix})
+
+
+def _nested_prefix(f: dataclasses.Field, prefix: str) -> str:
+    own = f.metadata.get("prefix")
+    return prefix if own is None else own
 
 
 def config_flags(config_cls: type, prefix: str, topic: str = "") -> list[OptionFlag]:
@@ -79,31 +85,48 @@ def config_flags(config_cls: type, prefix: str, topic: str = "") -> list[OptionF
     flags = []
     for f in dataclasses.fields(config_cls):
         if "nested" in f.metadata:
-            flags += config_flags(f.metadata["nested"], prefix, topic)
+            flags += config_flags(f.metadata["nested"], _nested_prefix(f, prefix), topic)
             continue
         meta = f.metadata.get("flag")
         if meta is None:
             continue
-        default = f.default
-        shown = "none" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
-        lead = f"{topic}: " if topic else ""
-        kwargs: dict[str, Any] = {"default": None, "help": f"{lead}{meta['help']} (default: {shown})"}
-        if meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
-        if meta["metavar"] is not None:
-            kwargs["metavar"] = meta["metavar"]
-        if isinstance(default, bool) and meta["type"] is None:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            value_type = meta["type"]
-            if value_type is None and default is not None:
-                value_type = type(default[0]) if isinstance(default, tuple) and default else type(default)
-            if value_type is not None and value_type is not str:
-                kwargs["type"] = value_type
-            if isinstance(default, tuple):
-                kwargs["nargs"] = "+"
-        flags.append(OptionFlag(f"{prefix}{f.name}", kwargs, meta))
+        flags.append(OptionFlag(f"{prefix}{f.name}", _flag_kwargs(f.default, meta, topic), meta))
     return flags
+
+
+def _flag_kwargs(default: Any, meta: dict[str, Any], topic: str) -> dict[str, Any]:
+    """argparse keyword arguments of one :func:`option` field (see :func:`config_flags`)."""
+    if meta["switch"]:
+        shown = ""
+    elif meta["required"] or meta["positional"]:
+        shown = " (required)"
+    else:
+        shown = " (default: " + ("none" if default is None else
+                                 " ".join(map(str, default)) if isinstance(default, tuple) else str(default)) + ")"
+    lead = f"{topic}: " if topic else ""
+    kwargs: dict[str, Any] = {"help": f"{lead}{meta['help']}{shown}"}
+    if not meta["positional"]:
+        kwargs["default"] = None
+    if meta["required"]:
+        kwargs["required"] = True
+    for key in ("choices", "metavar"):
+        if meta[key] is not None:
+            kwargs[key] = meta[key]
+    if meta["switch"]:
+        kwargs.update(action="store_true", default=False)
+    elif isinstance(default, bool) and meta["type"] is None:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        value_type = meta["type"]
+        if value_type is None and default is not None and default != ():
+            value_type = type(default[0]) if isinstance(default, tuple) else type(default)
+        if value_type is not None and value_type is not str:
+            kwargs["type"] = value_type
+        if meta["nargs"] is not None:
+            kwargs["nargs"] = meta["nargs"]
+        elif isinstance(default, tuple):
+            kwargs["nargs"] = "+"
+    return kwargs
 
 
 def add_config_flags(parser: Any, config_cls: type, prefix: str, topic: str | None = None) -> None:
@@ -127,7 +150,7 @@ def config_from_options(config_cls: type, prefix: str, options: Any, *, owner: s
         if f.name in explicit or not f.init:
             continue
         if "nested" in f.metadata:
-            values[f.name] = config_from_options(f.metadata["nested"], prefix, options, owner=owner)
+            values[f.name] = config_from_options(f.metadata["nested"], _nested_prefix(f, prefix), options, owner=owner)
             continue
         if "flag" not in f.metadata:
             continue
@@ -138,9 +161,9 @@ def config_from_options(config_cls: type, prefix: str, options: Any, *, owner: s
             raise PluginError(f"{owner or config_cls.__name__}: reads option --{dest}, which this command does not "
                               f"declare (a misspelt option_prefix {prefix!r}, or flags never added)")
         value = getattr(options, dest)
-        if value is None:
+        if value is None or (value is False and f.metadata["flag"]["switch"]):
             continue
-        if isinstance(f.default, tuple) and isinstance(value, list):
+        if isinstance(value, list):
             value = tuple(value)
         values[f.name] = value
     return config_cls(**values, **explicit)
@@ -165,38 +188,45 @@ def spec_config(spec: Any, options: Any) -> Any:
 
 
 def option(default: Any, help: str, *, type: Callable[[str], Any] | None = None, choices: Any = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, nargs: str | None = None, required: bool = False,
+           positional: bool = False, switch: bool = False) -> Any:
     """A config dataclass field that is also a command-line flag (see :func:`add_config_flags`).
 
     ``help`` says what the setting does; the flag's help appends the default.  ``type``
-    defaults to the type of ``default`` (bools become ``--flag/--no-flag``).
+    defaults to the type of ``default`` (bools become ``--flag/--no-flag``; ``switch=True``
+    makes an off-by-default bool a plain ``--flag``); a tuple default takes one or more values
+    (``nargs`` overrides).  A command's inputs may be ``required`` flags or a ``positional``
+    argument (named by the field, ``nargs="+"`` for a list).
     """
-    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar}
+    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar, "nargs": nargs,
+            "required": required, "positional": positional, "switch": switch}
     if isinstance(default, (list, dict, set)):
         raise TypeError("option defaults must be immutable (use a tuple)")
+    if switch and default is not False:
+        raise TypeError("a switch option is off by default (default False)")
     return dataclasses.field(default=default, metadata={"flag": meta})
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How a dataset is read and its features cached: shared by ``eval`` and the commands that
+    read datasets the same way (``discover`` nests it)."""
+
+    feature_cache: str | None = option(
+        None, "feature cache directory (none: $CLIP_ROBUST_FEATURE_CACHE or ~/.cache/clip_robust_plugins/features)",
+        type=str, metavar="DIR")
+    no_feature_cache: bool = option(False, "do not read or write cached features", switch=True)
+    shard_pattern: str | None = option(
+        None, "wds/ datasets: each split's shards as a brace pattern with {split}, relative to --dataset_root or "
+        "absolute, e.g. '{split}/shard-{000..011}.tar' (instead of {split}/nshards.txt)", type=str, metavar="PATTERN")
+    allow_pipe_urls: bool = option(
+        False, "allow webdataset pipe: URLs in --shard_pattern; their text runs as a shell command (only for "
+        "commands you trust)", switch=True)
+    skip_bad_samples: bool = option(
+        False, "skip samples whose image does not decode or whose features are not finite (recorded in the results "
+        "JSON under robust.skipped_samples) instead of failing; every other bad input stays an error", switch=True)
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of reading a dataset and caching its features, shared by ``eval`` and the
-    commands that read datasets the same way (``discover``)."""
-    group = parser.add_argument_group("data and feature cache")
-    group.add_argument(
-        "--feature_cache", default=None, metavar="DIR",
-        help="feature cache directory (default $CLIP_ROBUST_FEATURE_CACHE or ~/.cache/clip_robust_plugins/features)",
-    )
-    group.add_argument("--no_feature_cache", action="store_true", help="do not read or write cached features")
-    group.add_argument(
-        "--shard_pattern", default=None, metavar="PATTERN",
-        help="wds/ datasets: each split's shards as a brace pattern with {split}, relative to --dataset_root or "
-        "absolute, e.g. '{split}/shard-{000..011}.tar' (instead of {split}/nshards.txt)",
-    )
-    group.add_argument(
-        "--allow_pipe_urls", action="store_true",
-        help="allow webdataset pipe: URLs in --shard_pattern; their text runs as a shell command (only for commands you trust)",
-    )
-    group.add_argument(
-        "--skip_bad_samples", action="store_true",
-        help="skip samples whose image does not decode or whose features are not finite (recorded in the results "
-        "JSON under robust.skipped_samples) instead of failing; every other bad input stays an error",
-    )
+    """The :class:`DataConfig` flags in their own help group (``eval``)."""
+    add_config_flags(parser.add_argument_group("data and feature cache"), DataConfig, "", topic="")

@@ -27,12 +27,13 @@ from collections.abc import Sequence
 
 from .argtypes import add_data_flags
 from .cli_help import organise_eval_help, plugins_table
-from .errors import EvalError, one_line
+from .errors import EvalError, one_line, stage
 from .plugins import (
     BUILTIN_PLUGINS,
     REGISTRY_KINDS,
     PluginError,
     Registry,
+    add_command_flags,
     add_plugin_flags,
     add_spec_flags,
     build_plugin_manager,
@@ -40,6 +41,7 @@ from .plugins import (
     collect_registry,
     describe_plugins,
     plugin_parent_parser,
+    record_flag_values,
 )
 from .specs import CommandContext
 
@@ -160,7 +162,6 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
     )
     demo_parser.add_argument("--output_dir", default="crp_demo", help="where data, features and results go (default ./crp_demo)")
     demo_parser.set_defaults(which="demo")
-    context = CommandContext(registry=registry, plugin_manager=pm)
     for name, spec in registry.commands.items():
         if name in sub.choices:
             raise PluginError(f"plugin {registry.owner('commands', name)!r} registers command {name!r}, which exists already")
@@ -168,8 +169,35 @@ def build_parser(pm, registry: Registry, command: str | None = None) -> argparse
                                         parents=[parent] if name == command else [])
         command_parser.set_defaults(which=name)
         if name == command:
-            spec.add_arguments(command_parser, context)
+            add_command_flags(command_parser, spec, registry, pm)
     return parser
+
+
+def command_context(args: argparse.Namespace, pm, registry: Registry) -> CommandContext:
+    """The host's services over a subcommand's parsed flags (see :class:`CommandContext`)."""
+    from . import engine
+    from .argtypes import spec_config
+
+    def load_dataset(dataset: str, dataset_root: str):
+        options = argparse.Namespace(**{**vars(args), "dataset": dataset, "dataset_root": dataset_root})
+        for name in ("shard_pattern", "allow_pipe_urls"):  # data flags a command may not declare
+            options.__dict__.setdefault(name, None)
+        return engine.load_dataset(options, registry)
+
+    return CommandContext(registry=registry, plugin_manager=pm, config_of=lambda record: spec_config(record, args),
+                          load_dataset=load_dataset,
+                          flag_values=lambda kind, name: record_flag_values(args, pm, registry, kind, name))
+
+
+def run_command(spec, args: argparse.Namespace, pm, registry: Registry) -> int:
+    """A plugin's subcommand: its typed config from its parsed flags, and the host's services."""
+    from .argtypes import config_from_options
+
+    owner = f"command {spec.name!r} (plugin {registry.owner('commands', spec.name)!r})"
+    config = None if spec.options is None else config_from_options(spec.options, spec.option_prefix, args, owner=owner)
+    ctx = command_context(args, pm, registry)
+    with stage(owner, "run"):
+        return int(spec.run(config, ctx) or 0)
 
 
 def plugins_json(pm, registry: Registry) -> list[dict]:
@@ -275,9 +303,7 @@ def _main(argv: list[str], pm, registry: Registry) -> int:
     if which == "eval":
         run_eval(args, pm, registry)
         return 0
-    spec = registry.commands[which]
-    status = spec.run(args, CommandContext(registry=registry, plugin_manager=pm))
-    return int(status or 0)
+    return run_command(registry.commands[which], args, pm, registry)
 
 
 # --------------------------------------------------------------------------- eval

@@ -351,6 +351,59 @@ def add_plugin_flags(parser: argparse.ArgumentParser, pm: pluggy.PluginManager,
         help_topics(parser)[plugin_name] = (group.title, list(group._group_actions))
 
 
+def add_command_flags(parser: argparse.ArgumentParser, spec: Any, registry: Registry, pm: pluggy.PluginManager) -> None:
+    """A subcommand's flags: its ``options`` dataclass, then the flags of the records its
+    ``record_flags`` names (and, with ``"datasets"``, the dataset plugins' legacy flags); a flag
+    declared twice is one :class:`PluginError` naming both declarers."""
+    from .argtypes import config_flags
+
+    if spec.options is not None:
+        for flag in config_flags(spec.options, spec.option_prefix):
+            try:
+                parser.add_argument(flag.flag, **flag.kwargs)
+            except argparse.ArgumentError:
+                raise _conflict(parser, flag.flag, f"command {spec.name!r}") from None
+            flag_owners(parser)[flag.flag] = (registry.owner("commands", spec.name), f"command {spec.name}",
+                                              flag.declaration)
+    unknown = set(spec.record_flags) - set(OPTION_KINDS)
+    if unknown:
+        raise PluginError(f"command {spec.name!r} (plugin {registry.owner('commands', spec.name)!r}): record_flags "
+                          f"{sorted(unknown)} are not registry tables with options ({', '.join(OPTION_KINDS)})")
+    if "datasets" in spec.record_flags:
+        dataset_plugins = {owner for (kind, _), owner in registry.owners.items() if kind == "datasets"}
+        add_plugin_flags(parser, pm, only=dataset_plugins.__contains__)
+    if spec.record_flags:
+        add_spec_flags(parser, registry, kinds=spec.record_flags)
+
+
+def plugin_option_names(pm: pluggy.PluginManager, plugin: str) -> list[str]:
+    """The option names (``dest``) of the flags ``plugin`` adds through the legacy
+    ``add_arguments`` hook, by calling it on a scratch parser."""
+    names: list[str] = []
+    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
+        if plugin_name == plugin:
+            scratch = argparse.ArgumentParser(add_help=False)
+            caller(parser=scratch.add_argument_group(plugin_name))
+            names += [action.dest for action in scratch._actions]
+    return names
+
+
+def record_flag_values(options: argparse.Namespace, pm: pluggy.PluginManager, registry: Registry, kind: str,
+                       name: str) -> dict[str, Any]:
+    """A record's settings on this command line by flag name: its typed config (defaults filled
+    in) and its plugin's legacy flags; what a command records as provenance."""
+    import dataclasses
+
+    from .argtypes import spec_config
+
+    spec = getattr(registry, kind)[name]
+    values = {dest: getattr(options, dest, None) for dest in plugin_option_names(pm, registry.owner(kind, name))}
+    config = spec_config(spec, options)
+    if config is not None:
+        values.update({f"{spec.option_prefix}{k}": v for k, v in dataclasses.asdict(config).items()})
+    return values
+
+
 #: registry tables whose records may declare ``options`` (their flags join the commands that use them)
 OPTION_KINDS = ("datasets", "mitigations", "metrics", "view_providers", "region_proposers")
 #: help headings: each record by the name the CLI takes

@@ -178,26 +178,41 @@ class ModelLoaderSpec:
 
 @dataclass(frozen=True)
 class CommandContext:
-    """What a subcommand is handed: the run's registry and plugin manager."""
+    """What a subcommand is handed besides its own config: the run's registry and plugin
+    manager, and the host's services over this command line's parsed flags (so the command
+    never reads the namespace): ``config_of(spec)`` is a registered record's typed config
+    (a dataset's, a region proposer's), ``load_dataset(dataset, dataset_root)`` a dataset read
+    the way ``eval`` reads it (``robust/<name>`` or ``wds/<name>``, with the data flags)."""
 
     registry: Any  # plugins.Registry
     plugin_manager: Any  # pluggy.PluginManager
+    config_of: Callable[[Any], Any] = field(default=lambda spec: None)
+    load_dataset: Callable[[str, str], Any] | None = None
+    #: ``flag_values(kind, name)``: a record's settings by flag name (its config and its plugin's
+    #: legacy flags), the provenance a command writes beside its output
+    flag_values: Callable[[str, str], dict[str, Any]] = field(default=lambda kind, name: {})
 
 
 @dataclass(frozen=True)
 class CommandSpec:
     """A ``clip_benchmark_robust`` subcommand.
 
-    ``add_arguments(parser, ctx)`` fills its own argparse parser (called only when that
-    subcommand runs or asks for ``--help``); ``run(args, ctx)`` does the work and returns an
-    exit status (None = 0).  An error in the user's input raises one of the package's error
-    types (``EvalError``, ``DatasetError``, ``PluginError``, ...), shown as one line.
+    Its flags are one ``options`` dataclass of :func:`~clip_robust_plugins.argtypes.option`
+    fields (``--<option_prefix><field>``; required flags and positional inputs included),
+    added only when that subcommand runs or asks for ``--help``.  ``record_flags`` names the
+    registry tables whose records' flags the command also accepts (``"datasets"``,
+    ``"region_proposers"``).  ``run(config, ctx)`` gets the typed config (None without
+    ``options``) and a :class:`CommandContext`, and returns an exit status (None = 0).  An
+    error in the user's input raises one of the package's error types (``EvalError``,
+    ``DatasetError``, ``PluginError``, ...), shown as one line.
     """
 
     name: str
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser, CommandContext], None]
-    run: Callable[[argparse.Namespace, CommandContext], int | None]
+    run: Callable[[Any, CommandContext], int | None]
+    options: type | None = None
+    option_prefix: str = ""
+    record_flags: tuple[str, ...] = ()
     description: str = ""
 
 

@@ -32,9 +32,11 @@ def custom_names(path: str | None, dataset: str) -> Any:
 
 
 def build_context(args: argparse.Namespace, registry: Registry, dataset: RobustDataset, split: str,
-                  classnames: Sequence[str] | None = None, templates: Any = None) -> RunContext:
+                  classnames: Sequence[str] | None = None, templates: Any = None,
+                  config_of: Any = None) -> RunContext:
     """The run context of ``eval`` (and of commands that read a dataset the same way, such as
-    ``discover``): the dataset, a feature extractor over the cache, and a model built on first use."""
+    ``discover``): the dataset, a feature extractor over the cache, and a model built on first use.
+    ``config_of(spec)`` gives a record's typed config (default: from ``args``' flags)."""
     from ..features import FeatureCache, FeatureExtractor, default_cache_dir
     from ..mitigations.base import RunContext
 
@@ -82,6 +84,7 @@ def build_context(args: argparse.Namespace, registry: Registry, dataset: RobustD
         eval_split=split,
         progress=progress,
         model_name=args.model, pretrained=args.pretrained, model_type=args.model_type, model_cache_dir=args.model_cache_dir,
-        batch_size=args.batch_size, num_workers=args.num_workers, config_of=lambda spec: spec_config(spec, args),
+        batch_size=args.batch_size, num_workers=args.num_workers,
+        config_of=config_of or (lambda spec: spec_config(spec, args)),
     )
     return ctx

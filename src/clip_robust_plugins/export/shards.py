@@ -23,8 +23,6 @@ stops the export with a one-line error naming it, and nothing is moved into plac
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
 import json
 import multiprocessing
@@ -40,13 +38,10 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..argtypes import spec_config
 from ..datasets.base import DatasetError, RobustDataset, SampleImage
 from ..datasets.files import FileRow
 from ..datasets.wds import EncodedImage, write_grouped_dataset
 from ..groups import GROUPS_FILE, GroupSchema, GroupSchemaError
-from ..plugins import Registry, per_plugin_callers
-from ..specs import DatasetRequest
 
 ROBUST_PREFIX = "robust/"
 #: PIL formats copied byte for byte, and the shard entry they go under
@@ -313,37 +308,25 @@ def export_wds(
 
 
 # ---------------------------------------------------------------------- command
-def plugin_option_names(pm, plugin: str) -> list[str]:
-    """The option names (``dest``) of the flags ``plugin`` adds, by calling its hook on a scratch parser."""
-    names: list[str] = []
-    for plugin_name, caller in per_plugin_callers(pm, "add_arguments"):
-        if plugin_name == plugin:
-            scratch = argparse.ArgumentParser(add_help=False)
-            caller(parser=scratch.add_argument_group(plugin_name))
-            names += [action.dest for action in scratch._actions]
-    return names
-
-
-def run_export(args: argparse.Namespace, pm, registry: Registry) -> int:
-    """Load ``args.dataset`` through its plugin and export it (the ``export_wds`` command)."""
-    name = args.dataset[len(ROBUST_PREFIX):] if args.dataset.startswith(ROBUST_PREFIX) else args.dataset
-    spec = registry.dataset(name)
-    owner = registry.owner("datasets", name)
-    options = {dest: getattr(args, dest, None) for dest in plugin_option_names(pm, owner)}
-    config = spec_config(spec, args)
-    if config is not None:  # the reader's typed config, under its flag names
-        options.update({f"{spec.option_prefix}{k}": v for k, v in dataclasses.asdict(config).items()})
-    check_output_dir(Path(args.output_dir), Path(args.dataset_root))
-    dataset = spec.load(DatasetRequest(root=args.dataset_root, options=args, config=config))
+def run_export(config: Any, ctx: Any) -> int:
+    """Load ``config.dataset`` through its plugin and export it (the ``export_wds`` command:
+    ``config`` its :class:`~.command.ExportConfig`, ``ctx`` its command context)."""
+    name = config.dataset[len(ROBUST_PREFIX):] if config.dataset.startswith(ROBUST_PREFIX) else config.dataset
+    ctx.registry.dataset(name)  # an unknown name: one line listing the registered datasets
+    owner = ctx.registry.owner("datasets", name)
+    options = ctx.flag_values("datasets", name)
+    check_output_dir(Path(config.output_dir), Path(config.dataset_root))
+    dataset = ctx.load_dataset(f"{ROBUST_PREFIX}{name}", config.dataset_root)
     source = {"dataset": f"{ROBUST_PREFIX}{name}", "plugin": owner, "options": _plain(options)}
+    splits = list(config.splits) if config.splits else None
     final = export_wds(
-        dataset, args.output_dir, splits=args.splits, shard_size=args.shard_size, min_shards=args.min_shards,
-        num_workers=args.num_workers,
-        source=source, progress=not args.no_progress,
+        dataset, config.output_dir, splits=splits, shard_size=config.shard_size, min_shards=config.min_shards,
+        num_workers=config.num_workers, source=source, progress=not config.no_progress,
     )
-    written = args.splits or list(dataset.splits())
+    written = splits or list(dataset.splits())
     summary = ", ".join(f"{split} {sum(final.split_counts[split])}" for split in written)
-    print(f"export_wds: wrote {summary} samples to {args.output_dir} (read it with --dataset wds/{name})", file=sys.stderr)
+    print(f"export_wds: wrote {summary} samples to {config.output_dir} (read it with --dataset wds/{name})",
+          file=sys.stderr)
     return 0
 
 

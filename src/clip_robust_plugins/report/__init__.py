@@ -8,9 +8,10 @@ nothing heavy; the work lives in :mod:`.build` and is imported when the command 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
+from ..argtypes import option
 from ..hookspecs import hookimpl
 from ..specs import CommandContext, CommandSpec
 
@@ -24,15 +25,21 @@ def write_report(inputs: list[str], output_dir: str, warn=None) -> list[str]:
     return build(inputs, output_dir, warn)
 
 
-def _add_arguments(parser: argparse.ArgumentParser, ctx: CommandContext) -> None:
-    parser.add_argument("results", nargs="+", metavar="RESULTS",
-                        help="results JSON files written by `eval`, or directories searched for them (recursively)")
-    parser.add_argument("--output_dir", required=True, metavar="DIR",
-                        help="where results_long.csv, report.md, report.html and the PNG plots go")
+@dataclass(frozen=True)
+class ReportConfig:
+    """The ``report`` command's inputs."""
+
+    results: tuple[str, ...] = option(
+        (), "results JSON files written by `eval`, or directories searched for them (recursively)",
+        positional=True, metavar="RESULTS")
+    output_dir: str | None = option(
+        None, "where results_long.csv, report.md, report.html and the PNG plots go", type=str, metavar="DIR",
+        required=True)
 
 
-def _run(args: argparse.Namespace, ctx: CommandContext) -> int:
-    for path in write_report(args.results, args.output_dir, warn=lambda text: print(text, file=sys.stderr)):
+def _run(config: ReportConfig, ctx: CommandContext) -> int:
+    for path in write_report(list(config.results), config.output_dir,
+                             warn=lambda text: print(text, file=sys.stderr)):
         print(f"Wrote {path}", file=sys.stderr)
     return 0
 
@@ -42,8 +49,8 @@ def register_commands(register):
     register(CommandSpec(
         "report",
         "tables and plots across results JSONs (models, datasets, mitigations, seeds): CSV, Markdown, HTML",
-        _add_arguments,
         _run,
+        options=ReportConfig,
         description="Reads results JSONs (or directories of them) and writes DIR/results_long.csv (one row per "
         "dataset, model, pretrained, method, seed and metric, with its interval), DIR/report.md and DIR/report.html "
         "(per dataset: a leaderboard with mean +/- std over seeds, or the interval of a single run; a method x group "

@@ -10,9 +10,9 @@ from ...lazy import lazy_getattr
 #: public name -> submodule defining it (resolved lazily)
 _NAMES: dict[str, str] = {
     **dict.fromkeys(("NAME", "BASELINE", "CITATION", "TEMPERATURE", "DiscoveryConfig", "FineTuneConfig",
-                     "RegionConfig"), "configs"),
+                     "RegionConfig", "DiscoverConfig"), "configs"),
     **dict.fromkeys(("GridProposer", "BoxesProposer", "grid_boxes", "proposed_boxes", "region_kind",
-                     "make_proposer"), "proposers"),
+                     "proposer_for"), "proposers"),
     **dict.fromkeys(("Clustering", "cluster_regions", "cluster_regions_sampled", "cluster_bounded",
                      "cosine_distances", "k_candidates", "nearest_medoids"), "clustering"),
     **dict.fromkeys(("ClassGap", "ClusterScore", "Discovery", "class_gaps", "discover_from_embeddings",
@@ -20,7 +20,7 @@ _NAMES: dict[str, str] = {
                     "discovery"),
     **dict.fromkeys(("DiscoveryRun", "RegionInfo", "discover", "read_region_info"), "split_discovery"),
     **dict.fromkeys(("REPORT_FORMAT", "build_report", "format_summary"), "discovery_report"),
-    **dict.fromkeys(("context_from_args", "run_discover"), "command"),
+    **dict.fromkeys(("discover_context", "run_discover"), "command"),
     **dict.fromkeys(("clip_loss", "label_to_region_loss", "parse_caption_labels", "region_to_label_loss",
                      "relevant_regions"), "losses"),
     **dict.fromkeys(("TrainViews", "encode_with_token_regions", "region_feature_mode",

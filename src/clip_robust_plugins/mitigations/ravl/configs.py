@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ...argtypes import at_least, config_from_options, fraction, nested, option, positive_float
+from ...argtypes import DataConfig, at_least, fraction, nested, option, positive_float
 
 NAME = "ravl"
 BASELINE = "clip_ft"
@@ -143,21 +143,28 @@ class RavlConfig:
     regions: RegionConfig = nested(RegionConfig)
 
 
-# the ``discover`` command reads its settings from its parsed flags (RegionConfig and DiscoveryConfig's)
-def region_config(options: argparse.Namespace) -> RegionConfig:
-    return config_from_options(RegionConfig, PREFIX, options, owner="discover")
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """The ``discover`` command's flags: clip_benchmark's names for the dataset and model, the data
+    flags ``eval`` has, and RaVL's ``--ravl_*`` region and discovery settings."""
 
-
-def discovery_config(options: argparse.Namespace) -> DiscoveryConfig:
-    return config_from_options(DiscoveryConfig, PREFIX, options, owner="discover")
-
-
-def add_discover_flags(parser: argparse.ArgumentParser, registry) -> None:
-    """``discover``'s own ``--ravl_*`` flags (regions, discovery), the region proposers' and the datasets'."""
-    from ...argtypes import add_config_flags
-    from ...plugins import add_spec_flags
-
-    group = parser.add_argument_group("RaVL discovery")
-    add_config_flags(group, RegionConfig, PREFIX, topic="")
-    add_config_flags(group, DiscoveryConfig, PREFIX, topic="")
-    add_spec_flags(parser, registry, kinds=("datasets", "region_proposers"))
+    dataset: str | None = option(None, "a group dataset: robust/<name> or wds/<name> with groups.json", type=str,
+                                 required=True)
+    dataset_root: str = option("root", "dataset root, clip_benchmark's templating ({dataset})")
+    model: str | None = option(None, "open_clip model name (e.g. ViT-B-32, crp-tiny)", type=str, required=True)
+    pretrained: str | None = option(None, "checkpoint tag or file", type=str, required=True)
+    model_type: str = option("open_clip", "registered model type")
+    model_cache_dir: str | None = option(None, "where open_clip caches downloaded weights", type=str)
+    split: str = option("val", "class-labelled split to analyse")
+    batch_size: int = option(64, "images per forward batch", type=at_least(1))
+    num_workers: int = option(4, "DataLoader workers that decode images", type=at_least(0))
+    seed: int = option(0, "k-medoids seed")
+    no_amp: bool = option(False, "no mixed precision (on by default, as in clip_benchmark)", switch=True)
+    output: str = option("ravl_discovery.json", "report JSON path; the PNG sheet goes beside it with the extension .png")
+    quiet: bool = option(False, "no progress bars", switch=True)
+    compare: bool = option(False, "also run the discovery baselines (random, George, Domino, Distilling Failures) on "
+                                  "the same regions: precision@10 of each in the JSON, a table and <output>_compare.png",
+                           switch=True)
+    data: DataConfig = nested(DataConfig, prefix="")
+    regions: RegionConfig = nested(RegionConfig, prefix=PREFIX)
+    discovery: DiscoveryConfig = nested(DiscoveryConfig, prefix=PREFIX)

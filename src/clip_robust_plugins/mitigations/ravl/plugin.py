@@ -16,6 +16,7 @@ from .configs import (
     PREFIX,
     BoxesOptions,
     ClipFtConfig,
+    DiscoverConfig,
     GridOptions,
     GroupDroFtConfig,
     RavlConfig,
@@ -73,16 +74,10 @@ def _loader(method: str):
     return load
 
 
-def _add_discover_arguments(parser, command_ctx) -> None:
-    from .command import add_discover_arguments
-
-    add_discover_arguments(parser, command_ctx)
-
-
-def _run_discover(args, command_ctx):
+def _run_discover(config, command_ctx):
     from .command import run_discover_command
 
-    return run_discover_command(args, command_ctx)
+    return run_discover_command(config, command_ctx)
 
 
 @hookimpl
@@ -143,7 +138,7 @@ def register_metrics(register):
 def register_commands(register):
     register(CommandSpec(
         "discover", "RaVL: find the image regions a model has learned to tie spuriously to a class (no group labels)",
-        _add_discover_arguments, _run_discover,
+        _run_discover, options=DiscoverConfig, record_flags=("datasets", "region_proposers"),
         description="Region-level discovery of learned spurious correlations (RaVL) on a class-labelled split; "
                     "writes a JSON report and a PNG sheet beside it.",
     ))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
@@ -120,13 +119,3 @@ def checked_proposer(name: str, proposer: Any) -> tuple[str, Callable]:
 def proposer_for(ctx: Any, name: str) -> tuple[str, Callable]:
     """The registered region proposer ``name`` (built-in or third party), made with its own typed config."""
     return checked_proposer(name, ctx.region_proposer(name))
-
-
-def make_proposer(options: argparse.Namespace, registry) -> tuple[str, Callable]:
-    """The region proposer named by ``--ravl_regions`` in the ``discover`` command's parsed flags."""
-    from ...argtypes import spec_config
-    from .configs import region_config
-
-    name = region_config(options).regions
-    spec = registry.region_proposer(name)
-    return checked_proposer(name, spec.create(spec_config(spec, options)))
