@@ -88,3 +88,23 @@ def test_context_generators_are_local_and_seeded(tiny, shapes_root):
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG was not touched
 
 
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_own_zeroshot_head_equals_clip_benchmarks(tiny, amp):
+    """features.towers.zeroshot_classifier replaces clip_benchmark's (whose module imports
+    scikit-learn): the same head, bit for bit, for template lists and CuPL-style dicts."""
+    from clip_robust_plugins.features.towers import zeroshot_classifier
+
+    model, _, tokenizer = tiny
+    classnames = ["square", "diamond"]
+    templates = ["a photo of a {c}.", "a {c} on the grass.", "a small {c}"]
+    per_class = {"square": ["a square", "four equal sides"], "diamond": ["a diamond", "a rhombus standing on a tip"]}
+    for prompts in (templates, per_class):
+        ours = zeroshot_classifier(model, tokenizer, classnames, prompts, "cpu", amp=amp)
+        theirs = zero_shot_classifier(model, tokenizer, classnames, prompts, "cpu", amp=amp)
+        assert ours.shape == theirs.shape == (model.text_projection.shape[1], 2)
+        assert ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="list or a dict"):
+        zeroshot_classifier(model, tokenizer, classnames, "a {c}", "cpu", amp=False)

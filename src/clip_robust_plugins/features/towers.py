@@ -134,3 +134,23 @@ def _batch_features(model: torch.nn.Module, images: torch.Tensor, kinds: Sequenc
 def autocast(device: str, enabled: bool):
     """``torch.autocast`` on the device's type (bf16 on CPU, fp16 on CUDA), as clip_benchmark."""
     return torch.autocast(torch.device(device).type, enabled=enabled)
+
+
+def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
+                        templates: Sequence[str] | dict[str, Sequence[str]], device: str, amp: bool) -> torch.Tensor:
+    """The (D, C) zero-shot head, the same arithmetic in the same order as clip_benchmark 1.6's
+    ``zero_shot_classifier`` (tested equal), without importing its module: that imports
+    scikit-learn, 0.7 s of every cold eval (docs/performance.md).
+
+    ``templates``: a list of ``{c}`` templates, or a dict of class name -> its own prompts (CuPL).
+    """
+    if not isinstance(templates, (list, tuple, dict)):
+        raise ValueError("templates must be a list or a dict")
+    columns = []
+    with torch.no_grad(), autocast(device, amp):
+        for classname in classnames:
+            texts = templates[classname] if isinstance(templates, dict) else [t.format(c=classname) for t in templates]
+            embedding = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1).mean(dim=0)
+            embedding /= embedding.norm()
+            columns.append(embedding)
+        return torch.stack(columns, dim=1).to(device)

@@ -153,18 +153,10 @@ class RunContext:
             key = self.extractor.head_key(self.classnames, self.templates)
             head, self.head_cache_path = self.extractor.cache.load_head(key)
             if head is None:
-                import functools
+                from ..features.towers import zeroshot_classifier
 
-                import clip_benchmark.metrics.zeroshot_classification as cb_zs
-
-                saved = cb_zs.tqdm  # clip_benchmark's bar ignores --quiet: silence it for this call
-                cb_zs.tqdm = functools.partial(saved, disable=not self.progress)
-                try:
-                    head = cb_zs.zero_shot_classifier(
-                        self.model, self.tokenizer, self.classnames, self.templates, self.device, amp=self.amp
-                    ).float()
-                finally:
-                    cb_zs.tqdm = saved
+                head = zeroshot_classifier(self.model, self.tokenizer, self.classnames, self.templates, self.device,
+                                           amp=self.amp).float()
                 self.head_cache_path = self.extractor.cache.save_head(key, head)
             self._head = head.to(self.device)
         return self._head

@@ -51,12 +51,12 @@ def own_zeroshot_head(ctx: RunContext, model: torch.nn.Module) -> torch.Tensor:
     """The (D, C) zero-shot head of ``model``'s own text tower, built as clip_benchmark builds it."""
     if model is ctx.model:
         return ctx.zeroshot_head()
-    from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
+    from ...features.towers import zeroshot_classifier
 
     was_training = model.training
     model.eval()
     try:
-        head = zero_shot_classifier(model, ctx.tokenizer, ctx.classnames, ctx.templates, ctx.device, amp=ctx.amp)
+        head = zeroshot_classifier(model, ctx.tokenizer, ctx.classnames, ctx.templates, ctx.device, amp=ctx.amp)
     finally:
         model.train(was_training)
     return head.float().to(ctx.device)
