@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..accuracy import worst_group_accuracy
 from ..argtypes import at_least, option, positive_float
 from ..hookspecs import hookimpl
-from ..metrics import worst_group_accuracy
 from ..specs import Needs
 from .base import RunContext
 from .erm_head import ERMHead

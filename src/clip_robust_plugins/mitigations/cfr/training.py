@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...accuracy import class_metrics, worst_group_accuracy
 from ...features import HEAD_ADAPTER, HEAD_TYPES, projection_head_type
-from ...metrics import class_metrics, worst_group_accuracy
 from ...states import StateError
 from ..base import Mitigation, RunContext
 from .config import FEATURE_KIND, NAME, CFRConfig

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...metrics import worst_group_accuracy
+from ...accuracy import worst_group_accuracy
 from ..base import Mitigation, RunContext
 from .config import NAME, ContrastiveAdapterConfig
 

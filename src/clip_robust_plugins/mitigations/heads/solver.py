@@ -212,6 +212,6 @@ def group_dro(
 
 def worst_group_acc(logits: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     """Accuracy of the worst non-empty group of ``argmax(logits)``."""
-    from ...metrics import worst_group_accuracy
+    from ...accuracy import worst_group_accuracy
 
     return worst_group_accuracy(np.argmax(logits, axis=1), y, groups)

@@ -82,8 +82,8 @@ def region_metrics(preds: Predictions, *, ctx, mitigation) -> dict[str, Any]:
     """``region_acc`` and ``region_worst_group_acc`` of one method ({} without object regions or encoder)."""
     if not has_object_regions(ctx, preds.split):
         return {}
+    from ...accuracy import worst_group_accuracy
     from ...features import FeatureCache, FeatureExtractor
-    from ...metrics import worst_group_accuracy
     from .training import logits_with_head, own_zeroshot_head
 
     kind = object_region_kind()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...metrics import worst_group_accuracy
+from ...accuracy import worst_group_accuracy
 
 
 def normalised_entropy(logits: torch.Tensor) -> float:
