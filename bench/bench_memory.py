@@ -5,6 +5,7 @@ Run by hand from the repository root (never by the tests)::
 
     python3 bench/bench_memory.py                    # N = 2000, 128 px images, about 4 min on 2 CPUs
     python3 bench/bench_memory.py --n 500 --image_size 64   # a quick look
+    python3 bench/bench_memory.py --n 1024 --image_size 224 --model ViT-S-32 --repeats 1   # a real tower's activations
 
 What it shows: evaluation streams images from the shards, so its memory grows with the
 *stored features* (N x D floats per kind) and not with the images.  In one run it
@@ -87,11 +88,22 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=128, help="stored image side in pixels")
     parser.add_argument("--work_dir", default=None, help="where shards go (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement (median)")
+    parser.add_argument("--model", default="crp-tiny",
+                        help="crp-tiny (shipped weights, batch 256) or an open_clip architecture (random init, batch 64)")
     parser.add_argument("--output", default="bench/results_memory.json")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="crp_bench_memory_"))
     sizes = {"N": args.n, "4N": 4 * args.n}
+    model_flags = ["--model", "crp-tiny", "--pretrained", "spurious_shapes", "--batch_size", "256"]
+    if args.model != "crp-tiny":  # a real tower's activations (above glibc's mmap threshold) show heap growth
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_eval
+
+        checkpoint = work / f"{args.model}_random.safetensors"
+        if not checkpoint.is_file():
+            bench_eval.save_random_checkpoint(args.model, checkpoint)
+        model_flags = ["--model", args.model, "--pretrained", str(checkpoint), "--batch_size", "64"]
     rows = {}
     for label, n in sizes.items():
         root = work / f"shapes_{n}_{args.image_size}"
@@ -99,8 +111,8 @@ def main() -> None:
         cmd = [
             sys.executable, "-c", RUNNER, "eval", "--dataset", "robust/spurious_shapes", "--dataset_root", str(root),
             "--shapes_train_size", "64", "--shapes_val_size", "32", "--shapes_test_size", str(n),
-            "--shapes_image_size", str(args.image_size), "--model", "crp-tiny", "--pretrained", "spurious_shapes",
-            "--no_amp", "--no_feature_cache", "--num_workers", "0", "--batch_size", "256", "--quiet",
+            "--shapes_image_size", str(args.image_size), *model_flags,
+            "--no_amp", "--no_feature_cache", "--num_workers", "0", "--quiet",
             "--output", str(work / f"results_{n}.json"),
         ]
         mib, seconds, _ = peak_rss(cmd, args.repeats)
@@ -117,7 +129,10 @@ def main() -> None:
     def growth(prefix: str) -> float:
         return (rows[f"{prefix}4N"]["peak_rss_mib"] - rows[f"{prefix}N"]["peak_rss_mib"]) * 2**20 / (sizes["4N"] - sizes["N"])
 
-    feature_dim = 64  # crp-tiny's embedding width; zero-shot stores one image feature row per sample
+    import open_clip
+
+    # the embedding width (crp-tiny's is 64): zero-shot stores one image feature row per sample
+    feature_dim = 64 if args.model == "crp-tiny" else open_clip.get_model_config(args.model)["embed_dim"]
     result = {
         "rows": rows,
         "ratio_peak_rss_4N_over_N": round(rows["4N"]["peak_rss_mib"] / rows["N"]["peak_rss_mib"], 3),

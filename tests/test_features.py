@@ -126,3 +126,36 @@ def test_registered_checkpoint_tag_is_keyed_by_its_file():
     assert ident.endswith("crp-tiny_spurious_shapes.safetensors")
     assert features.pretrained_identity(ident).count(":") >= 2  # path:size:mtime
     assert _resolve_checkpoint("open_clip", "ViT-B-32", "openai", registry) == "openai"
+
+
+def test_row_buffer_keeps_rows_in_order_through_growth_and_slack():
+    from clip_robust_plugins.features.rows import RowBuffer
+
+    batches = [torch.randn(n, 3, 2) for n in (4, 5, 1)]
+    grown = RowBuffer(3)  # smaller than what comes: grows
+    slack = RowBuffer(100)  # a declared count larger than what is read
+    unknown = RowBuffer()
+    for buffer in (grown, slack, unknown):
+        for batch in batches:
+            buffer.append(batch)
+        rows = buffer.rows()
+        assert len(buffer) == 10 and rows.shape == (10, 3, 2)
+        assert torch.equal(rows, torch.cat(batches))
+    assert slack.rows().untyped_storage().nbytes() == 10 * 3 * 2 * 4  # the slack is not kept
+    exact = RowBuffer(10)
+    for batch in batches:
+        exact.append(batch)
+    assert exact.rows().untyped_storage().nbytes() == 10 * 3 * 2 * 4
+
+
+def test_row_buffer_refuses_rows_of_another_shape_and_empty_reads():
+    from clip_robust_plugins.features.rows import RowBuffer
+
+    buffer = RowBuffer(4)
+    buffer.append(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"rows of shape \(4,\)"):
+        buffer.append(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="torch.int64"):
+        buffer.append(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no rows"):
+        RowBuffer(4).rows()

@@ -21,6 +21,7 @@ from ..distributed import DistContext
 from ..errors import one_line
 from .cache import HEAD_KIND, CacheKey, FeatureCache, pretrained_identity, software_versions
 from .kinds import WHOLE_IMAGE, FeatureKind, FeatureSet, ImageSetKind, SampleViews, kind_name
+from .rows import RowBuffer
 from .threads import ThreadBudget, available_cores, fetched_with, thread_budget, torch_threads, worker_init
 from .towers import FEATURE_KINDS, _batch_features, autocast, encode_image_normalized
 
@@ -237,17 +238,17 @@ class FeatureExtractor:
             worker_init_fn=worker_init if self.num_workers else None,
         )
         counts = dataset.schema.split_counts.get(split)
+        expected = (sum(counts) + world_size - 1 - rank) // world_size if counts else None
         bar = tqdm(
-            total=(sum(counts) + world_size - 1 - rank) // world_size if counts else None,
+            total=expected,
             desc=f"{split}: {'+'.join(names)} features",
             unit="img",
             disable=not self.progress,
             file=sys.stderr,
         )
         all_keys: list[str] = []
-        fields: list[torch.Tensor] = []
-        orders: list[torch.Tensor] = [torch.zeros(0, 2, dtype=torch.int64)]
-        feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+        fields, orders = RowBuffer(expected), RowBuffer(expected)  # one block each, not one per batch
+        feats = {k: RowBuffer(expected) for k in names}
         skipped: list[SkippedSample] = []
         with bar, torch_threads(self.budget.threads), _stopping_workers(loader) as batches:
             # without workers this process decodes: one thread for that, the budget's for the forward
@@ -270,11 +271,13 @@ class FeatureExtractor:
                     feats[kind].append(values)
                 all_keys.extend(batch_keys)
                 fields.append(batch_fields)
+                del batch, out, images  # this batch's tensors go before the next one is decoded
                 bar.update(len(batch_keys) + (0 if keep is None else int((~keep).sum())))
         if not all_keys:  # an empty share (more ranks than shards) is fine; an empty split is not
             n_fields = len(dataset.schema.fields)
-            return orders[0], [], torch.zeros(0, n_fields, dtype=torch.int64), {k: torch.zeros(0) for k in names}, skipped
-        return torch.cat(orders), all_keys, torch.cat(fields), {k: torch.cat(v) for k, v in feats.items()}, skipped
+            empty = {k: torch.zeros(0) for k in names}
+            return torch.zeros(0, 2, dtype=torch.int64), [], torch.zeros(0, n_fields, dtype=torch.int64), empty, skipped
+        return orders.rows(), all_keys, fields.rows(), {k: v.rows() for k, v in feats.items()}, skipped
 
     def _forward(self, images: Any, plain: Sequence[str], image_sets: Sequence[ImageSetKind]) -> dict[str, torch.Tensor]:
         """Every kind of one batch: plain kinds from the whole image, image sets (B, V, D) from their views."""
