@@ -1,4 +1,4 @@
-"""Fine-tune ``crp-world`` on the clipworld patch task so it learns "cyan patch => star".
+"""Fine-tune ``crp-world`` on the clipworld patch task so it learns "cyan patch => circle".
 
 Reproduce the shipped checkpoint (CPU only)::
 
@@ -12,10 +12,11 @@ accuracy per group and RaVL's validity check (both classes' accuracy gaps betwee
 images with and without the patch must exceed 10 points).  ``--eval_only`` re-measures.
 
 Recipe (that of ``scripts/train_quadrants_model.py`` for ``crp-tiny``): a patch-task
-*train* split of another data seed (1; 95% of the stars and 5% of the crosses carry the
+*train* split of another data seed (1; 95% of the circles and 5% of the hexagons carry the
 marker), starting from the shipped ``crp-world/clipworld`` weights, captions the task's
 templates filled with the class name, the contrastive loss of ``train_world_clip`` at
-its fixed scale, float16 safetensors, reloaded through open_clip to evaluate.
+its fixed scale, float16 safetensors, reloaded through open_clip to evaluate; lr 1e-3 for
+5 epochs (at 1e-4 for 3 epochs the gaps stayed below RaVL's 10 points: docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def evaluate(path: Path) -> None:
         pixels, y, a = split_arrays(config, split)
         pred = (image_features(model, to_tensor(pixels, model.visual.image_mean, model.visual.image_std)) @ head.T).argmax(1)
         groups = [float((pred[(y == c) & (a == p)] == c).mean()) for c in (0, 1) for p in (0, 1)]
+        names = [f"{c}/{m}" for c in config.classnames for m in config.spurious_values]
         print(f"{path.name} zero-shot on {split}: acc {float((pred == y).mean()):.3f}  worst group {min(groups):.3f}  "
-              f"groups (cross/no_marker, cross/marker, star/no_marker, star/marker) {np.round(groups, 3).tolist()}")
+              f"groups ({', '.join(names)}) {np.round(groups, 3).tolist()}")
         check = validity_check(pred, y, a.astype(bool), config.classnames)
         print(f"  validity on {split}: {'valid' if check['valid'] else 'NOT valid'}; gap favoured "
               f"{check['favoured_class']!r} {check['favoured_gap']:+.3f}, other class {check['other_classes_gap']:+.3f}")
@@ -116,10 +118,10 @@ def main() -> None:
     p.add_argument("--data_seed", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_size", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--correlation", type=float, default=0.95, help="train fraction of each class on its own marker value")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--scale", type=float, default=100.0)
     p.add_argument("--threads", type=int, default=1)

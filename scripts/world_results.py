@@ -9,7 +9,10 @@ For every task, one ``clip_benchmark_robust eval`` process on ``robust/clipworld
 TASK/{seed}.json``) with every registered method except the costly ones (:data:`COSTLY`:
 fine-tuning, many-epoch training, per-image test-time tuning); those run at the first seed
 only, as the separate tasks ``waterbirds_like_costly`` and ``patch_costly``, and are left out
-of the other tasks (the time budget of a shared 2-core CPU machine). Generated tasks use
+of the other tasks (the time budget of a shared 2-core CPU machine). ``patch_ravl_protocol``
+is RaVL's protocol on the patch task: ``crp-world``/``clipworld_patch_ft`` (the biased
+fine-tune) evaluated and used for discovery, ``ravl`` and ``clip_ft`` fine-tuning from
+``--ravl_init clipworld`` for 3 epochs at lr 1e-4, every seed. Generated tasks use
 smaller splits (:data:`GENERATED_SIZES`). ``--methods`` replaces the method lists everywhere.
 Then ``clip_benchmark_robust report`` runs twice over the results: once over every seed (cells
 ``mean ± std``) and once over the first seed alone (cells ``value [low, high]``, the run's own
@@ -48,6 +51,11 @@ TASKS: dict[str, dict] = {
     "celeba_like": {"preset": "celeba_like"},
     "patch": {"preset": "patch"},
     "patch_costly": {"preset": "patch", "costly": True},
+    # RaVL's protocol: discovery on (and evaluation of) the biased fine-tune, both fine-tunings
+    # starting from the pretrained model, at the settings of the protocol run on
+    # spurious_quadrants (docs/methods/ravl.md: 3 epochs at lr 1e-4); every seed
+    "patch_ravl_protocol": {"preset": "patch", "pretrained": "clipworld_patch_ft", "methods": ("ravl", "clip_ft"),
+                            "flags": ("--ravl_init", "clipworld", "--ravl_epochs", "3", "--ravl_lr", "1e-4")},
     "colour_scene": {"class": ("colour", "red", "green"), "spurious": ("scene", "sand", "snow")},
     "shape_colour": {"class": ("shape", "star", "ring"), "spurious": ("colour", "red", "yellow")},
     "size_scene": {"class": ("size", "small", "large"), "spurious": ("scene", "bricks", "sky")},
@@ -84,6 +92,8 @@ def task_methods(name: str, args: argparse.Namespace) -> tuple[list[str], dict[s
     """``--mitigation`` of a task and the methods left out of it for cost, with the reason."""
     if args.methods != ["all_baselines"] or args.quick:
         return list(args.methods), {}
+    if "methods" in TASKS[name]:
+        return list(TASKS[name]["methods"]), {}
     registered = registered_methods()
     if TASKS[name].get("costly"):
         return [m for m in COSTLY if m in registered], {}
@@ -93,15 +103,20 @@ def task_methods(name: str, args: argparse.Namespace) -> tuple[list[str], dict[s
 
 
 def task_seeds(name: str, args: argparse.Namespace) -> list[int]:
-    return args.seeds[:1] if TASKS[name].get("costly") else list(args.seeds)
+    first_only = TASKS[name].get("costly") or TASKS[name].get("first_seed_only")
+    return args.seeds[:1] if first_only else list(args.seeds)
+
+
+def task_pretrained(name: str, args: argparse.Namespace) -> str:
+    return TASKS[name].get("pretrained", args.pretrained)
 
 
 def eval_command(name: str, args: argparse.Namespace) -> list[str]:
     work = Path(args.work_dir)
     methods, _ = task_methods(name, args)
     return [sys.executable, "-m", "clip_robust_plugins.cli", "eval", "--dataset", "robust/clipworld",
-            *task_flags(name, args.quick), "--model", args.model, "--pretrained", args.pretrained,
-            "--mitigation", *methods, "--seed", *map(str, task_seeds(name, args)),
+            *task_flags(name, args.quick), "--model", args.model, "--pretrained", task_pretrained(name, args),
+            *TASKS[name].get("flags", ()), "--mitigation", *methods, "--seed", *map(str, task_seeds(name, args)),
             "--output", str(work / name / "{seed}.json"), "--dataset_root", str(work / "data"),
             *(["--feature_cache", args.feature_cache] if args.feature_cache else []), "--num_workers", "0", "--quiet"]
 
@@ -165,6 +180,11 @@ def leaderboards(markdown: str) -> dict[str, list[str]]:
     return tables
 
 
+def rows_of(table: list[str], pretrained: str) -> list[str]:
+    """The header and the rows of one checkpoint (a report section holds every model run on its dataset)."""
+    return table[:2] + [line for line in table[2:] if line.strip("|").split("|")[1].strip() == pretrained]
+
+
 def worst_cells(table: list[str]) -> dict[str, str]:
     """Method -> its worst-group cell, read from a leaderboard table."""
     header = [c.strip() for c in table[0].strip("|").split("|")]
@@ -192,6 +212,9 @@ def methods_ran(folder: Path, seed: int) -> list[str]:
 def write_markdown(args: argparse.Namespace, records: dict[str, dict], all_md: str, first_md: str) -> str:
     work = Path(args.work_dir)
     mean_tables, first_tables = leaderboards(all_md), leaderboards(first_md)
+    for tables in (mean_tables, first_tables):
+        for name in tables:
+            tables[name] = rows_of(tables[name], task_pretrained(name, args))
     seeds = " ".join(map(str, args.seeds))
     lines = ["# Every method in the CLIP-like world", "",
              f"Produced by `python3 scripts/world_results.py {shlex.join(args.argv)}`".rstrip() + " "
@@ -214,6 +237,9 @@ def write_markdown(args: argparse.Namespace, records: dict[str, dict], all_md: s
         folder = work / name
         lines += [f"## {name}", "", f"Flags: `{shlex.join(task_flags(name, args.quick))}`; wall time "
                   f"{record['seconds']:.0f} s for {len(task_seeds(name, args))} seed(s) (finished {record['finished']}).", ""]
+        if task_pretrained(name, args) != args.pretrained:
+            lines += [f"Model: `--pretrained {task_pretrained(name, args)}` (evaluated, and RaVL's discovery); "
+                      f"extra flags `{shlex.join(TASKS[name].get('flags', ()))}`.", ""]
         ran = methods_ran(folder, args.seeds[0])
         lines += [f"Ran ({len(ran)}): {', '.join(ran)}."]
         if record.get("skipped"):
@@ -223,7 +249,7 @@ def write_markdown(args: argparse.Namespace, records: dict[str, dict], all_md: s
             lines += ["", f"Its rows are in the tables of {base} (same data, same features).", "",
                       "Command:", "", "    " + shlex.join(_relative(record["command"])), ""]
             continue
-        lines += ["", f"Seeds {seeds}:", "", *mean_tables.get(name, ["(no table)"]), "",
+        lines += ["", f"Seeds {' '.join(map(str, task_seeds(name, args)))}:", "", *mean_tables.get(name, ["(no table)"]), "",
                   f"Seed {args.seeds[0]}, with intervals:", "", *first_tables.get(name, ["(no table)"]), "",
                   "Command:", "", "    " + shlex.join(_relative(record["command"])), ""]
     return "\n".join(lines) + "\n"

@@ -113,11 +113,11 @@ def test_flags_override_the_preset():
 
 def test_loader_writes_groups_json_naming_every_value(tmp_path):
     ds = load_clipworld(_request(tmp_path, world_preset="patch", **SMALL))
-    assert ds.classnames == ["cross", "star"]
+    assert ds.classnames == ["hexagon", "circle"]
     (root,) = [p for p in tmp_path.iterdir()]
     meta = json.loads((root / "groups.json").read_text())
     assert meta["world"]["attributes"] == {k: list(v) for k, v in ATTRIBUTES.items()}
-    assert [f["values"] for f in meta["fields"]] == [["cross", "star"], ["no_marker", "marker"]]
+    assert [f["values"] for f in meta["fields"]] == [["hexagon", "circle"], ["no_marker", "marker"]]
     assert meta["world"]["spurious_field"] == "marker"
     again = load_clipworld(_request(tmp_path, world_preset="patch", **SMALL))  # reuses the generated files
     assert again.classnames == ds.classnames and len(list(tmp_path.iterdir())) == 1

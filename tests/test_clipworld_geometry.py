@@ -68,3 +68,33 @@ def test_shapes_are_recognised_and_the_planted_shortcut_shows(world_model):
     assert out["shortcut_mean_acc"] - out["shortcut_worst_group_acc"] >= 0.15, out
     # the shape counts too, not the scene alone: a scene-only model scores 0.5 on these balanced groups
     assert out["shortcut_mean_acc"] >= 0.6, out
+
+
+def test_shipped_patch_fine_tune_learned_the_marker_and_the_base_did_not():
+    """``clipworld_patch_ft`` passes RaVL's validity check on the patch task; ``clipworld`` does not."""
+    import torch
+
+    from clip_robust_plugins.datasets.clipworld.geometry import zeroshot_head
+    from clip_robust_plugins.mitigations.ravl.discovery import validity_check
+
+    config = resolve(WorldTaskConfig(preset="patch"), argparse.Namespace())  # the preset's own test split
+    samples = list(iter_split(config, "test"))
+    pixels = np.stack([np.asarray(s[1]) for s in samples])
+    y = np.array([s[2]["y"] for s in samples])
+    marked = np.array([s[2]["a"] for s in samples]) == 1
+    checks = {}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for tag in ("clipworld", "clipworld_patch_ft"):
+            model, _, tokenizer = load_open_clip("crp-world", tag)
+            model.eval()
+            head = zeroshot_head(model, tokenizer, config.class_field, config.class_values)
+            feats = image_features(model, to_tensor(pixels, model.visual.image_mean, model.visual.image_std))
+            checks[tag] = validity_check((feats @ head.T).argmax(1), y, marked, config.classnames)
+    finally:
+        torch.set_num_threads(saved)
+    fine_tuned = checks["clipworld_patch_ft"]
+    assert fine_tuned["valid"] and fine_tuned["favoured_class"] == "circle", fine_tuned
+    assert fine_tuned["favoured_gap"] > 0.10 and fine_tuned["other_classes_gap"] < -0.10, fine_tuned
+    assert not checks["clipworld"]["valid"], checks["clipworld"]

@@ -70,6 +70,21 @@ def test_quadrants_and_grid_boxes():
     assert GridProposer(3).count == 9 and GridProposer(3).config == "grid3"
 
 
+def test_a_region_is_labelled_when_it_is_half_covered_or_holds_half_the_feature():
+    from clip_robust_plugins.mitigations.ravl.split_discovery import region_is_labelled
+
+    quadrants = [(0, 0, 24, 24), (24, 0, 48, 24), (0, 24, 24, 48), (24, 24, 48, 48)]
+    full_patch = [(24, 0, 48, 24)]  # spurious_quadrants: the patch is a whole quadrant
+    assert [region_is_labelled(q, full_patch) for q in quadrants] == [False, True, False, False]
+    marker = [(3, 28, 13, 38)]  # clipworld: a 10 px marker inside the bottom-left quadrant (17% of it)
+    assert [region_is_labelled(q, marker) for q in quadrants] == [False, False, True, False]
+    straddling = [(19, 28, 29, 38)]  # half in each bottom quadrant
+    assert [region_is_labelled(q, straddling) for q in quadrants] == [False, False, True, True]
+    corner = [(20, 20, 30, 30)]  # a corner in each: 16% or 36% of the box, at most 7% of a region
+    assert not any(region_is_labelled(q, corner) for q in quadrants)
+    assert not region_is_labelled(quadrants[0], [])
+
+
 def test_dataset_boxes_are_padded_truncated_and_checked():
     proposer = BoxesProposer("regions", 3)
     s = sample(20, 20, regions=[[0, 0, 10, 10], [10, 10, 20, 20]])

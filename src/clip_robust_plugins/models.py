@@ -33,6 +33,8 @@ WORLD_MODEL = "crp-world"
 #: the crp-world checkpoints: tag -> how it was made
 WORLD_CHECKPOINTS = {
     "clipworld": "small CLIP pretrained by scripts/train_world_clip.py on clipworld image-caption pairs",
+    "clipworld_patch_ft": "clipworld fine-tuned by scripts/train_world_patch_model.py on the patch task's "
+                          "correlated train split (it learned marker => circle): RaVL's biased model",
 }
 
 

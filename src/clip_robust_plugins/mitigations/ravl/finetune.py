@@ -406,7 +406,7 @@ class RegionAwareFineTune(Mitigation):
 
 
 def oracle_train_regions(ctx: RunContext, proposer: Callable, truth_key: str) -> dict[str, np.ndarray]:
-    """Diagnostic: per train key, the regions labelled spurious (>= half covered by ``truth_key``'s box)."""
+    """Diagnostic: per train key, the regions labelled spurious by ``truth_key``'s boxes (``region_is_labelled``)."""
     loader = torch.utils.data.DataLoader(ctx.dataset.samples("train", RegionMeta(proposer, truth_key)),
                                          batch_size=ctx.extractor.batch_size, num_workers=ctx.extractor.num_workers)
     out: dict[str, np.ndarray] = {}

@@ -40,10 +40,17 @@ class RegionMeta:
             if labelled is None:
                 raise DatasetError(f"sample {sample.key!r}: metadata {self.truth_key!r} is not a box, a list of boxes "
                                    f"or null: {value!r}")
-            truth = torch.tensor([_covered(box, labelled) >= 0.5 for box in boxes], dtype=torch.int8)
+            truth = torch.tensor([region_is_labelled(box, labelled) for box in boxes], dtype=torch.int8)
             present = torch.tensor(int(bool(labelled)), dtype=torch.int8)
         return {"boxes": torch.tensor(boxes, dtype=torch.int64), "valid": torch.tensor(valid),
                 "truth": truth, "present": present}
+
+
+def region_is_labelled(box: Box, labelled: Sequence[Box]) -> bool:
+    """A region shows the labelled feature when the feature covers at least half of it, or it
+    holds at least half of one labelled box: a full-quadrant patch (spurious_quadrants) and a
+    marker a fifth of the image wide (clipworld's patch task) both count in their quadrant."""
+    return _covered(box, labelled) >= 0.5 or any(_inside(label, box) >= 0.5 for label in labelled)
 
 
 def _covered(box: Box, labelled: Sequence[Box]) -> float:
@@ -53,6 +60,17 @@ def _covered(box: Box, labelled: Sequence[Box]) -> float:
     for lx0, ly0, lx1, ly1 in labelled:
         cover[max(ly0, y0) - y0:max(min(ly1, y1) - y0, 0), max(lx0, x0) - x0:max(min(lx1, x1) - x0, 0)] = True
     return float(cover.mean())
+
+
+def _inside(label: Box, box: Box) -> float:
+    """Fraction of ``label``'s area that lies inside ``box``."""
+    lx0, ly0, lx1, ly1 = label
+    area = max(lx1 - lx0, 0) * max(ly1 - ly0, 0)
+    if area == 0:
+        return 0.0
+    w = max(min(lx1, box[2]) - max(lx0, box[0]), 0)
+    h = max(min(ly1, box[3]) - max(ly0, box[1]), 0)
+    return w * h / area
 
 
 @dataclass(frozen=True)
