@@ -103,8 +103,7 @@ def task_methods(name: str, args: argparse.Namespace) -> tuple[list[str], dict[s
 
 
 def task_seeds(name: str, args: argparse.Namespace) -> list[int]:
-    first_only = TASKS[name].get("costly") or TASKS[name].get("first_seed_only")
-    return args.seeds[:1] if first_only else list(args.seeds)
+    return args.seeds[:1] if TASKS[name].get("costly") else list(args.seeds)
 
 
 def task_pretrained(name: str, args: argparse.Namespace) -> str:
