@@ -21,6 +21,8 @@ machine hit every row alike.  Each round runs:
   a CPU is bf16 autocast;
 - ours N ``--amp``: our cold eval at clip_benchmark's precision (bf16 autocast on a CPU), so
   the comparison is also shown with the same arithmetic on both sides.
+- clip_benchmark N ``--no_amp``: its eval in fp32, our default's precision on a CPU, so our
+  default eval is also compared with the same arithmetic (``--no_fp32_baseline`` skips it).
 
 Peak RSS of every eval (``wait4``: the largest of the process and its reaped DataLoader
 workers) at N and 2N shows whether memory is flat in the number of images.  acc1 must be
@@ -127,9 +129,9 @@ class Commands:
         prefix = [self.robust] if forced_threads is None else [sys.executable, "-c", FORCED, str(forced_threads)]
         return [*prefix, *self._common(size), "--feature_cache", str(cache), "--output", str(out), "--quiet", *extra], out
 
-    def clip_benchmark(self, size: str) -> tuple[list[str], Path]:
+    def clip_benchmark(self, size: str, extra: list[str] = ()) -> tuple[list[str], Path]:
         out = self.out(f"cb_{size}")
-        return [*self.baseline, *self._common(size), "--output", str(out)], out
+        return [*self.baseline, *self._common(size), "--output", str(out), *extra], out
 
 
 def acc1(path: Path) -> float | None:
@@ -162,6 +164,10 @@ def one_round(cmds: Commands, args, threads: int, log) -> dict:
     cmd, out = cmds.clip_benchmark("N")
     row["clip_benchmark_N"] = {**run_rss(cmd, "clip_benchmark N"), "acc1": acc1(out)}
     log(f"clip_benchmark N: {row['clip_benchmark_N']['wall_s']:.1f} s")
+    if not args.no_fp32_baseline:
+        cmd, out = cmds.clip_benchmark("N", ["--no_amp"])
+        row["clip_benchmark_N_no_amp"] = {**run_rss(cmd, "clip_benchmark N --no_amp"), "acc1": acc1(out)}
+        log(f"clip_benchmark N --no_amp: {row['clip_benchmark_N_no_amp']['wall_s']:.1f} s")
     if not args.no_amp_row:
         cmd, out = cmds.ours("N", ["--amp"])
         row["ours_N_amp"] = {**run_rss(cmd, "ours N --amp"), **robust_record(out), "acc1": acc1(out)}
@@ -199,6 +205,11 @@ def summarize(rounds: list[dict], n: int) -> dict:
         out["ours_N_amp_s"] = spread([r["ours_N_amp"]["wall_s"] for r in rounds])
         out["cold_amp_over_clip_benchmark_per_round"] = [round(c, 3) for c in amp]
         out["cold_amp_over_clip_benchmark"] = round(statistics.median(amp), 3)
+    if "clip_benchmark_N_no_amp" in rounds[0]:
+        fp32 = [r["ours_N"]["wall_s"] / r["clip_benchmark_N_no_amp"]["wall_s"] for r in rounds]
+        out["clip_benchmark_N_no_amp_s"] = spread([r["clip_benchmark_N_no_amp"]["wall_s"] for r in rounds])
+        out["cold_over_clip_benchmark_no_amp_per_round"] = [round(c, 3) for c in fp32]
+        out["cold_over_clip_benchmark_no_amp"] = round(statistics.median(fp32), 3)
     if "budgets" in rounds[0]:
         out["budgets"] = {b: spread([r["budgets"][b]["steady_images_per_s"] for r in rounds]) for b in rounds[0]["budgets"]}
     return out
@@ -221,6 +232,10 @@ def print_report(results: dict) -> None:
     if "cold_amp_over_clip_benchmark" in s:
         print(f"ours N --amp (bf16)     {s['ours_N_amp_s']['median']:8.1f} s      ratio {s['cold_amp_over_clip_benchmark']:.3f} "
               f"per round {s['cold_amp_over_clip_benchmark_per_round']}  (same arithmetic as clip_benchmark's default)")
+    if "cold_over_clip_benchmark_no_amp" in s:
+        print(f"clip_benchmark --no_amp {s['clip_benchmark_N_no_amp_s']['median']:8.1f} s      ours N (fp32) / it "
+              f"{s['cold_over_clip_benchmark_no_amp']:.3f} per round {s['cold_over_clip_benchmark_no_amp_per_round']}  "
+              "(both fp32: same arithmetic as our default)")
     print(f"peak RSS ours N / 2N    {s['peak_rss_mib']['ours_N']:.0f} / {s['peak_rss_mib']['ours_2N']:.0f} MiB "
           f"(ratio {s['peak_rss_2N_over_N']})")
     print(f"acc1 ours / clip_benchmark (N, round 1): {r0['ours_N']['acc1']} / {r0['clip_benchmark_N']['acc1']}")
@@ -239,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="*", default=[], metavar="W:T",
                         help="also steady extraction with W DataLoader workers and T forward threads")
     parser.add_argument("--no_amp_row", action="store_true", help="skip our --amp row")
+    parser.add_argument("--no_fp32_baseline", action="store_true",
+                        help="skip clip_benchmark's --no_amp row (fp32 on both sides, our default's arithmetic)")
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--output", default=str(Path(__file__).with_name("results_pipeline.json")))
     args = parser.parse_args(argv)
