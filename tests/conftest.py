@@ -78,3 +78,17 @@ def run_cli(capsys):
 def tiny_pretrained() -> str:
     """The shipped crp-tiny checkpoint's tag (resolved offline by the built-in models plugin)."""
     return "spurious_shapes"
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("name")``: the module ``scripts/name.py`` (scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import save_file
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "text_head_bias.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("text_head_bias", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _split(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -29,7 +17,7 @@ def _split(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {"features": features, "labels": labels, "fields": fields}
 
 
-def test_offset_from_train_images_restores_a_shifted_head(tmp_path):
+def test_offset_from_train_images_restores_a_shifted_head(tmp_path, load_script):
     gen = torch.Generator().manual_seed(0)
     train, test = _split(200, gen), _split(100, gen)
     save_file(train, str(tmp_path / "train.safetensors"))
@@ -38,7 +26,7 @@ def test_offset_from_train_images_restores_a_shifted_head(tmp_path):
     shifted = torch.tensor([[-1.0, 0.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0]])
     save_file({"class_embeddings": shifted}, str(tmp_path / "state.safetensors"))
     save_file({"head": torch.tensor([[-1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])}, str(tmp_path / "head.safetensors"))
-    module = _script()
+    module = load_script("text_head_bias")
     lines = module.report("shifted", module.class_embeddings(str(tmp_path / "state.safetensors")),
                           module.split(str(tmp_path / "train.safetensors")), module.split(str(tmp_path / "test.safetensors")))
     assert lines[-1] == "  worst group 0.000, offset removed 1.000"
@@ -50,8 +38,8 @@ def test_offset_from_train_images_restores_a_shifted_head(tmp_path):
     assert plain[-1] == "  worst group 1.000, offset removed 1.000"
 
 
-def test_a_file_that_is_not_a_split_is_named(tmp_path):
+def test_a_file_that_is_not_a_split_is_named(tmp_path, load_script):
     save_file({"head": torch.zeros(4, 2)}, str(tmp_path / "head.safetensors"))
     with pytest.raises(SystemExit, match="head.safetensors: not a cached image-feature split"):
-        _script().main(["--train", str(tmp_path / "head.safetensors"), "--test", str(tmp_path / "head.safetensors"),
+        load_script("text_head_bias").main(["--train", str(tmp_path / "head.safetensors"), "--test", str(tmp_path / "head.safetensors"),
                         "--head", f"z={tmp_path / 'head.safetensors'}"])

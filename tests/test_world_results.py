@@ -3,18 +3,7 @@ one seed; the Markdown it writes must carry the numbers of the results JSON it r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "world_results.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("world_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _row(markdown: str, after: str, method: str, column: int = 2) -> list[str]:
@@ -32,8 +21,8 @@ def _cell(metrics: dict, key: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]".replace("|", "\\|")
 
 
-def test_quick_run_writes_the_json_numbers(tmp_path):
-    script = _script()
+def test_quick_run_writes_the_json_numbers(tmp_path, load_script):
+    script = load_script("world_results")
     work, out = tmp_path / "work", tmp_path / "docs" / "results.md"
     argv = ["--quick", "--tasks", "waterbirds_like", "--seeds", "0", "--methods", "erm_head", "class_balanced_head",
             "--work_dir", str(work), "--output", str(out), "--feature_cache", str(tmp_path / "features")]
