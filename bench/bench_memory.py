@@ -129,10 +129,12 @@ def main() -> None:
     def growth(prefix: str) -> float:
         return (rows[f"{prefix}4N"]["peak_rss_mib"] - rows[f"{prefix}N"]["peak_rss_mib"]) * 2**20 / (sizes["4N"] - sizes["N"])
 
-    import open_clip
-
     # the embedding width (crp-tiny's is 64): zero-shot stores one image feature row per sample
-    feature_dim = 64 if args.model == "crp-tiny" else open_clip.get_model_config(args.model)["embed_dim"]
+    feature_dim = 64
+    if args.model != "crp-tiny":
+        import open_clip
+
+        feature_dim = open_clip.get_model_config(args.model)["embed_dim"]
     result = {
         "rows": rows,
         "ratio_peak_rss_4N_over_N": round(rows["4N"]["peak_rss_mib"] / rows["N"]["peak_rss_mib"], 3),

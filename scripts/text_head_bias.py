@@ -20,7 +20,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-SCALE = 100.0
+from clip_robust_plugins.mitigations.text.common import SCALE  # the text methods' own logit scale
 
 
 def class_embeddings(path: str) -> torch.Tensor:
